@@ -1,0 +1,384 @@
+"""Video I/O on PyAV: probe, cut sources into clips, encode clips, decode clips.
+
+Everything that touches a codec lives here, so the shard builder, the streaming reader, the
+synthetic dataset and the tests share one notion of rotation, timing and pixel layout.
+Frames are uint8 RGB arrays shaped ``(T, H, W, 3)`` throughout this module.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import BinaryIO
+
+import av
+import numpy as np
+
+
+class VideoError(RuntimeError):
+    """A source that cannot be turned into clips (undecodable, empty, not a video)."""
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    duration: float
+    """Seconds, from the container or the stream (0.0 when neither knows)."""
+    fps: float
+    """Average frame rate the container declares."""
+    width: int
+    """Coded width, before display rotation."""
+    height: int
+    rotation: int
+    """Counter-clockwise display rotation in degrees (0, 90, 180, 270)."""
+    codec: str
+    has_audio: bool
+
+
+@dataclass
+class SourceClip:
+    start: float
+    """Seconds from the start of the source."""
+    end: float
+    frames: np.ndarray
+    """(T, H, W, 3) uint8, rotated upright, resized, resampled to ``fps``."""
+    fps: float
+    audio: list[av.AudioFrame] | None = None
+
+
+def _open(source: str | BinaryIO, timeout: float = 30.0) -> av.container.InputContainer:
+    try:
+        return av.open(source, mode="r", timeout=timeout)
+    except av.error.FFmpegError as err:
+        raise VideoError(f"cannot open: {err}") from err
+
+
+def _stream_duration(container, stream) -> float:
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / av.time_base
+    return 0.0
+
+
+def probe(source: str | BinaryIO) -> VideoInfo:
+    with _open(source) as container:
+        if not container.streams.video:
+            raise VideoError("no video stream")
+        stream = container.streams.video[0]
+        rotation = 0
+        for frame in container.decode(stream):
+            rotation = _normalize_rotation(frame.rotation)
+            break
+        return VideoInfo(
+            duration=_stream_duration(container, stream),
+            fps=float(stream.average_rate or 0.0),
+            width=stream.codec_context.width,
+            height=stream.codec_context.height,
+            rotation=rotation,
+            codec=stream.codec_context.name,
+            has_audio=bool(container.streams.audio),
+        )
+
+
+def _normalize_rotation(rotation: float | int | None) -> int:
+    if not rotation:
+        return 0
+    return int(round(rotation / 90.0)) % 4 * 90
+
+
+def scaled_size(width: int, height: int, short_side: int | None) -> tuple[int, int]:
+    """(width, height) with the short side at ``short_side``, both even (yuv420p needs it)."""
+    if short_side is None or short_side <= 0:
+        return width - width % 2, height - height % 2
+    scale = short_side / min(width, height)
+    new_w = max(2, int(round(width * scale / 2)) * 2)
+    new_h = max(2, int(round(height * scale / 2)) * 2)
+    return new_w, new_h
+
+
+def clip_windows(
+    duration: float, clip_seconds: float, clips_per_video: int
+) -> list[tuple[float, float]]:
+    """Non-overlapping windows of at most ``clip_seconds``, spread evenly over the source.
+
+    A source shorter than one window gives a single clip covering all of it; a source too short
+    for ``clips_per_video`` windows gives as many as fit.
+    """
+    if duration <= clip_seconds:
+        return [(0.0, duration)]
+    count = max(1, min(clips_per_video, int(duration // clip_seconds)))
+    span = duration / count
+    windows = []
+    for i in range(count):
+        center = (i + 0.5) * span
+        start = min(max(0.0, center - clip_seconds / 2), duration - clip_seconds)
+        windows.append((start, start + clip_seconds))
+    return windows
+
+
+def read_clips(
+    source: str | BinaryIO,
+    *,
+    clip_seconds: float,
+    clips_per_video: int = 1,
+    fps: float = 8.0,
+    short_side: int | None = 224,
+    keep_audio: bool = False,
+) -> tuple[VideoInfo, list[SourceClip]]:
+    """Decode ``source`` once and cut it into upright, resized clips sampled at ``fps``.
+
+    Frame sampling is by presentation time, so variable-frame-rate sources come out evenly
+    spaced: each output frame is the latest source frame shown at or before its timestamp.
+    Only the frames that are kept are converted to RGB.
+    """
+    info = probe(source) if isinstance(source, str) else None
+    if not isinstance(source, str):
+        source.seek(0)
+        info = probe(source)
+        source.seek(0)
+    with _open(source) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        duration = info.duration
+        if duration <= 0:
+            duration = _scan_duration(container, stream)
+            container.seek(0)
+        if duration <= 0:
+            raise VideoError("zero-length video")
+        windows = clip_windows(duration, clip_seconds, clips_per_video)
+        # Target timestamps for every clip, merged in time order: (time, clip index, slot).
+        targets: list[tuple[float, int, int]] = []
+        for clip_index, (start, end) in enumerate(windows):
+            count = max(1, int(math.floor((end - start) * fps + 1e-6)))
+            targets.extend((start + k / fps, clip_index, k) for k in range(count))
+        targets.sort()
+        slots: list[list[np.ndarray | None]] = [
+            [None] * sum(1 for t in targets if t[1] == i) for i in range(len(windows))
+        ]
+
+        out_size: tuple[int, int] | None = None
+        rotation = info.rotation
+        pending = 0
+        previous = None
+        previous_rgb = None
+
+        def to_rgb(frame: av.VideoFrame) -> np.ndarray:
+            nonlocal out_size
+            if out_size is None:
+                width, height = frame.width, frame.height
+                if rotation in (90, 270):
+                    width, height = height, width
+                upright_w, upright_h = scaled_size(width, height, short_side)
+                out_size = (
+                    (upright_h, upright_w) if rotation in (90, 270) else (upright_w, upright_h)
+                )
+            rgb = frame.to_ndarray(width=out_size[0], height=out_size[1], format="rgb24")
+            return np.rot90(rgb, k=rotation // 90) if rotation else rgb
+
+        decoded_any = False
+        try:
+            for frame in container.decode(stream):
+                if frame.time is None:
+                    continue
+                decoded_any = True
+                while pending < len(targets) and targets[pending][0] < frame.time:
+                    chosen = previous if previous is not None else frame
+                    if chosen is previous:
+                        if previous_rgb is None:
+                            previous_rgb = to_rgb(previous)
+                        rgb = previous_rgb
+                    else:
+                        rgb = to_rgb(frame)
+                    _, clip_index, slot = targets[pending]
+                    slots[clip_index][slot] = rgb
+                    pending += 1
+                previous, previous_rgb = frame, None
+                if pending == len(targets):
+                    break
+        except av.error.FFmpegError as err:
+            if not decoded_any:
+                raise VideoError(f"cannot decode: {err}") from err
+            # A truncated file: keep the frames decoded before the damage.
+        if previous is not None:
+            last_rgb = previous_rgb if previous_rgb is not None else to_rgb(previous)
+            while pending < len(targets):
+                _, clip_index, slot = targets[pending]
+                slots[clip_index][slot] = last_rgb
+                pending += 1
+        if not decoded_any:
+            raise VideoError("no decodable video frames")
+
+    audio = _read_audio(source, windows) if keep_audio and info.has_audio else [None] * len(windows)
+    clips = [
+        SourceClip(
+            start=start,
+            end=end,
+            frames=np.ascontiguousarray(np.stack(frames)),
+            fps=fps,
+            audio=clip_audio,
+        )
+        for (start, end), frames, clip_audio in zip(windows, slots, audio, strict=True)
+    ]
+    return info, clips
+
+
+def _scan_duration(container, stream) -> float:
+    last = 0.0
+    for packet in container.demux(stream):
+        if packet.pts is not None and packet.time_base is not None:
+            end = float((packet.pts + (packet.duration or 0)) * packet.time_base)
+            last = max(last, end)
+    return last
+
+
+def _read_audio(source, windows):
+    if not isinstance(source, str):
+        source.seek(0)
+    per_clip: list[list[av.AudioFrame]] = [[] for _ in windows]
+    with _open(source) as container:
+        for frame in container.decode(audio=0):
+            if frame.time is None:
+                continue
+            for clip_index, (start, end) in enumerate(windows):
+                if start <= frame.time < end:
+                    per_clip[clip_index].append(frame)
+    return per_clip
+
+
+def encode_clip(
+    frames: np.ndarray,
+    fps: float,
+    *,
+    codec: str = "libx264",
+    crf: int = 23,
+    gop: int | None = None,
+    rotation: int = 0,
+    audio: list[av.AudioFrame] | None = None,
+    container_format: str = "mp4",
+) -> bytes:
+    """Encode ``(T, H, W, 3)`` uint8 frames to an in-memory video file.
+
+    The H.264 defaults favour training-time decode speed: yuv420p, a keyframe every
+    ``gop`` frames (one second by default), ``tune=fastdecode`` (no CABAC, no deblocking).
+    """
+    buffer = io.BytesIO()
+    write_video(
+        buffer,
+        frames,
+        fps,
+        codec=codec,
+        crf=crf,
+        gop=gop,
+        rotation=rotation,
+        audio=audio,
+        container_format=container_format,
+    )
+    return buffer.getvalue()
+
+
+def write_video(
+    target: str | BinaryIO,
+    frames: np.ndarray,
+    fps: float,
+    *,
+    codec: str = "libx264",
+    crf: int = 23,
+    gop: int | None = None,
+    rotation: int = 0,
+    audio: list[av.AudioFrame] | None = None,
+    audio_tone_hz: float | None = None,
+    frame_times: list[float] | None = None,
+    container_format: str | None = None,
+) -> None:
+    """Write frames to a file or buffer.
+
+    ``frame_times`` (seconds, increasing) gives each frame its own timestamp: a variable frame
+    rate. ``audio_tone_hz`` adds a mono sine track (tests); ``audio`` re-encodes decoded audio.
+    """
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be (T, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
+    rate = Fraction(fps).limit_denominator(1001)
+    fmt = container_format or (
+        None if isinstance(target, str) else ("webm" if codec == "libvpx-vp9" else "mp4")
+    )
+    with av.open(target, mode="w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        options = {}
+        if codec == "libx264":
+            options = {"crf": str(crf), "preset": "veryfast", "tune": "fastdecode"}
+        elif codec == "libvpx-vp9":
+            options = {"crf": str(crf + 10), "b": "0", "deadline": "realtime", "cpu-used": "8"}
+        elif codec == "libsvtav1":
+            options = {"crf": str(crf + 12), "preset": "12"}
+        stream.options = options
+        stream.gop_size = gop or max(1, int(round(fps)))
+        if frame_times is not None:
+            stream.codec_context.time_base = Fraction(1, 1000)
+        if rotation:
+            stream.set_display_rotation(rotation)
+        audio_stream = None
+        if audio:
+            audio_stream = container.add_stream("aac", rate=audio[0].sample_rate)
+        elif audio_tone_hz is not None:
+            audio_stream = container.add_stream("aac", rate=16000)
+            audio_stream.layout = "mono"
+        for index, array in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            if frame_times is not None:
+                frame.pts = int(round(frame_times[index] * 1000))
+                frame.time_base = Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+        if audio_stream is not None:
+            for frame in audio or _tone(audio_tone_hz, len(frames) / fps, 16000):
+                frame.pts = None
+                for packet in audio_stream.encode(frame):
+                    container.mux(packet)
+            for packet in audio_stream.encode():
+                container.mux(packet)
+
+
+def _tone(hz: float, seconds: float, sample_rate: int) -> list[av.AudioFrame]:
+    samples = np.sin(2 * np.pi * hz * np.arange(int(seconds * sample_rate)) / sample_rate)
+    pcm = (samples * 0.3).astype(np.float32)
+    frames = []
+    for offset in range(0, len(pcm), 1024):
+        chunk = pcm[offset : offset + 1024][None, :]
+        frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout="mono")
+        frame.sample_rate = sample_rate
+        frames.append(frame)
+    return frames
+
+
+def decode_clip(data: bytes, max_frames: int | None = None, threads: int = 1) -> np.ndarray:
+    """Decode an encoded clip to ``(T, H, W, 3)`` uint8, upright.
+
+    ``max_frames`` stops decoding early when the caller only needs a prefix.
+    """
+    frames = []
+    rotation = 0
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            stream = container.streams.video[0]
+            if threads > 1:
+                stream.thread_type = "AUTO"
+                stream.thread_count = threads
+            for frame in container.decode(stream):
+                rotation = _normalize_rotation(frame.rotation)
+                frames.append(frame.to_ndarray(format="rgb24"))
+                if max_frames is not None and len(frames) >= max_frames:
+                    break
+    except (av.error.FFmpegError, IndexError) as err:
+        raise VideoError(f"cannot decode clip: {err}") from err
+    if not frames:
+        raise VideoError("clip has no frames")
+    clip = np.stack(frames)
+    if rotation:
+        clip = np.ascontiguousarray(np.rot90(clip, k=rotation // 90, axes=(1, 2)))
+    return clip
