@@ -1,0 +1,99 @@
+"""``vidrec shards ...``: synthesize, build, merge and inspect shard sets."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_parser(commands) -> None:
+    shards = commands.add_parser("shards", help="build and inspect WebDataset video shards")
+    actions = shards.add_subparsers(dest="shards_command", required=True)
+
+    build = actions.add_parser("build", help="manifest or video directory → tar shards")
+    build.add_argument("--manifest", required=True, help="CSV/JSONL/Parquet, or a video folder")
+    build.add_argument("--out", required=True, help="output directory for shards and index")
+    build.add_argument("--clip-seconds", type=float, default=4.0)
+    build.add_argument("--clips-per-video", type=int, default=1)
+    build.add_argument("--fps", type=float, default=8.0)
+    build.add_argument("--short-side", type=int, default=224, help="0 keeps the source size")
+    build.add_argument("--crf", type=int, default=23)
+    build.add_argument("--samples-per-shard", type=int, default=1000)
+    build.add_argument("--max-shard-bytes", type=int, default=0, help="0: no byte limit")
+    build.add_argument("--keep-audio", action="store_true")
+    build.add_argument("--workers", type=int, default=0, help="0: one per CPU core")
+    build.add_argument("--part", default="0/1", help="build partition i of n, e.g. 3/16")
+    build.add_argument("--no-progress", action="store_true")
+    build.set_defaults(run=_run_build)
+
+    merge = actions.add_parser("merge-index", help="join the indexes of a partitioned build")
+    merge.add_argument("out", help="shard directory holding index.part-*.json")
+    merge.set_defaults(run=_run_merge)
+
+    synth = actions.add_parser("synth", help="write the synthetic videos, manifest, interactions")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--items", type=int, default=240)
+    synth.add_argument("--users", type=int, default=400)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--no-progress", action="store_true")
+    synth.set_defaults(run=_run_synth)
+
+
+def _run_build(args: argparse.Namespace) -> int:
+    from data_shards.build import BuildConfig, build_shards, parse_part
+    from data_shards.manifest import ManifestError
+
+    try:
+        part, num_parts = parse_part(args.part)
+        config = BuildConfig(
+            clip_seconds=args.clip_seconds,
+            clips_per_video=args.clips_per_video,
+            fps=args.fps,
+            short_side=args.short_side,
+            crf=args.crf,
+            samples_per_shard=args.samples_per_shard,
+            max_shard_bytes=args.max_shard_bytes,
+            keep_audio=args.keep_audio,
+            workers=args.workers,
+            part=part,
+            num_parts=num_parts,
+        )
+        result = build_shards(args.manifest, args.out, config, progress=not args.no_progress)
+    except (ManifestError, ValueError, FileNotFoundError) as err:
+        print(f"vidrec shards build: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"{result.samples} samples in {result.shards} shards from {result.inputs} inputs "
+        f"({result.failed} failed, {result.skipped_chunks} shards reused) → {result.index_path}"
+    )
+    if result.failed:
+        print(f"failed inputs are listed in {result.index_path.parent}/failures*.jsonl")
+    return 0 if result.inputs > result.failed else 1
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from data_shards.build import merge_index
+
+    try:
+        path = merge_index(args.out)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"vidrec shards merge-index: {err}", file=sys.stderr)
+        return 2
+    index = json.loads(path.read_text())
+    print(f"{index['total_samples']} samples in {index['total_shards']} shards → {path}")
+    return 0
+
+
+def _run_synth(args: argparse.Namespace) -> int:
+    from data_shards.synth import synthesize
+
+    summary = synthesize(
+        args.out,
+        num_items=args.items,
+        num_users=args.users,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
