@@ -31,6 +31,14 @@ def add_parser(commands) -> None:
     merge.add_argument("out", help="shard directory holding index.part-*.json")
     merge.set_defaults(run=_run_merge)
 
+    inspect = actions.add_parser("inspect", help="counts, stats, decode check, contact sheet")
+    inspect.add_argument("directory")
+    inspect.add_argument("--decode", type=int, default=32, help="samples to decode-check")
+    inspect.add_argument("--clips", type=int, default=8, help="clips on the contact sheet")
+    inspect.add_argument("--sheet", default=None, help="PNG path (default DIR/contact_sheet.png)")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    inspect.set_defaults(run=_run_inspect)
+
     synth = actions.add_parser("synth", help="write the synthetic videos, manifest, interactions")
     synth.add_argument("--out", required=True)
     synth.add_argument("--items", type=int, default=240)
@@ -83,6 +91,25 @@ def _run_merge(args: argparse.Namespace) -> int:
     index = json.loads(path.read_text())
     print(f"{index['total_samples']} samples in {index['total_shards']} shards → {path}")
     return 0
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from data_shards.inspect_shards import format_report, inspect_shards
+
+    try:
+        report = inspect_shards(
+            args.directory,
+            decode_samples=args.decode,
+            sheet_clips=args.clips,
+            sheet_path=args.sheet,
+        )
+    except FileNotFoundError as err:
+        print(f"vidrec shards inspect: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(dataclasses.asdict(report), indent=2) if args.json else format_report(report))
+    return 1 if report.decode_failed else 0
 
 
 def _run_synth(args: argparse.Namespace) -> int:
