@@ -257,11 +257,13 @@ def encode_clip(
     rotation: int = 0,
     audio: list[av.AudioFrame] | None = None,
     container_format: str = "mp4",
+    threads: int = 1,
 ) -> bytes:
     """Encode ``(T, H, W, 3)`` uint8 frames to an in-memory video file.
 
     The H.264 defaults favour training-time decode speed: yuv420p, a keyframe every
     ``gop`` frames (one second by default), ``tune=fastdecode`` (no CABAC, no deblocking).
+    One encoder thread by default keeps the bytes reproducible (see ``write_video``).
     """
     buffer = io.BytesIO()
     write_video(
@@ -274,6 +276,7 @@ def encode_clip(
         rotation=rotation,
         audio=audio,
         container_format=container_format,
+        threads=threads,
     )
     return buffer.getvalue()
 
@@ -291,11 +294,15 @@ def write_video(
     audio_tone_hz: float | None = None,
     frame_times: list[float] | None = None,
     container_format: str | None = None,
+    threads: int = 1,
 ) -> None:
     """Write frames to a file or buffer.
 
     ``frame_times`` (seconds, increasing) gives each frame its own timestamp: a variable frame
     rate. ``audio_tone_hz`` adds a mono sine track (tests); ``audio`` re-encodes decoded audio.
+    ``threads`` is the encoder's thread count (0: the codec's choice). libx264 with several
+    threads writes different bytes from run to run for the same frames, so the default is one:
+    shard builds must be byte-reproducible, and they parallelize over processes instead.
     """
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be (T, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
@@ -309,13 +316,21 @@ def write_video(
         stream.pix_fmt = "yuv420p"
         options = {}
         if codec == "libx264":
-            options = {"crf": str(crf), "preset": "veryfast", "tune": "fastdecode"}
+            # cpu-independent=1: without it the same frames encode to different bytes from run
+            # to run on this hardware, even with one thread, and shard builds must reproduce.
+            options = {
+                "crf": str(crf),
+                "preset": "veryfast",
+                "tune": "fastdecode",
+                "x264-params": "cpu-independent=1",
+            }
         elif codec == "libvpx-vp9":
             options = {"crf": str(crf + 10), "b": "0", "deadline": "realtime", "cpu-used": "8"}
         elif codec == "libsvtav1":
             options = {"crf": str(crf + 12), "preset": "12"}
         stream.options = options
         stream.gop_size = gop or max(1, int(round(fps)))
+        stream.codec_context.thread_count = threads
         if frame_times is not None:
             stream.codec_context.time_base = Fraction(1, 1000)
         if rotation:
