@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import BinaryIO
@@ -257,13 +258,11 @@ def encode_clip(
     rotation: int = 0,
     audio: list[av.AudioFrame] | None = None,
     container_format: str = "mp4",
-    threads: int = 1,
 ) -> bytes:
     """Encode ``(T, H, W, 3)`` uint8 frames to an in-memory video file.
 
     The H.264 defaults favour training-time decode speed: yuv420p, a keyframe every
     ``gop`` frames (one second by default), ``tune=fastdecode`` (no CABAC, no deblocking).
-    One encoder thread by default keeps the bytes reproducible (see ``write_video``).
     """
     buffer = io.BytesIO()
     write_video(
@@ -276,7 +275,6 @@ def encode_clip(
         rotation=rotation,
         audio=audio,
         container_format=container_format,
-        threads=threads,
     )
     return buffer.getvalue()
 
@@ -294,15 +292,11 @@ def write_video(
     audio_tone_hz: float | None = None,
     frame_times: list[float] | None = None,
     container_format: str | None = None,
-    threads: int = 1,
 ) -> None:
     """Write frames to a file or buffer.
 
     ``frame_times`` (seconds, increasing) gives each frame its own timestamp: a variable frame
     rate. ``audio_tone_hz`` adds a mono sine track (tests); ``audio`` re-encodes decoded audio.
-    ``threads`` is the encoder's thread count (0: the codec's choice). libx264 with several
-    threads writes different bytes from run to run for the same frames, so the default is one:
-    shard builds must be byte-reproducible, and they parallelize over processes instead.
     """
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be (T, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
@@ -330,7 +324,6 @@ def write_video(
             options = {"crf": str(crf + 12), "preset": "12"}
         stream.options = options
         stream.gop_size = gop or max(1, int(round(fps)))
-        stream.codec_context.thread_count = threads
         if frame_times is not None:
             stream.codec_context.time_base = Fraction(1, 1000)
         if rotation:
@@ -371,12 +364,22 @@ def _tone(hz: float, seconds: float, sample_rate: int) -> list[av.AudioFrame]:
     return frames
 
 
-def decode_clip(data: bytes, max_frames: int | None = None, threads: int = 1) -> np.ndarray:
+def decode_clip(
+    data: bytes,
+    max_frames: int | None = None,
+    threads: int = 1,
+    select: Callable[[int], np.ndarray] | None = None,
+) -> np.ndarray:
     """Decode an encoded clip to ``(T, H, W, 3)`` uint8, upright.
 
-    ``max_frames`` stops decoding early when the caller only needs a prefix.
+    ``max_frames`` stops decoding early when the caller only needs a prefix. ``select`` maps the
+    clip's frame count to the frame indices wanted (sorted, repeats allowed): every frame is
+    still decoded (inter prediction needs them) but only the selected ones are converted to RGB,
+    which is most of the per-frame cost for small clips.
     """
-    frames = []
+    frames: list[np.ndarray] = []
+    rgb_by_index: dict[int, np.ndarray] = {}
+    wanted: np.ndarray | None = None
     rotation = 0
     try:
         with av.open(io.BytesIO(data), mode="r") as container:
@@ -384,13 +387,30 @@ def decode_clip(data: bytes, max_frames: int | None = None, threads: int = 1) ->
             if threads > 1:
                 stream.thread_type = "AUTO"
                 stream.thread_count = threads
-            for frame in container.decode(stream):
+            if select is not None and stream.frames > 0:
+                wanted = np.asarray(select(stream.frames))
+            wanted_set = set(wanted.tolist()) if wanted is not None else None
+            index = -1
+            for index, frame in enumerate(container.decode(stream)):
                 rotation = _normalize_rotation(frame.rotation)
-                frames.append(frame.to_ndarray(format="rgb24"))
-                if max_frames is not None and len(frames) >= max_frames:
+                if wanted_set is None:
+                    frames.append(frame.to_ndarray(format="rgb24"))
+                elif index in wanted_set:
+                    rgb_by_index[index] = frame.to_ndarray(format="rgb24")
+                if max_frames is not None and index + 1 >= max_frames:
                     break
     except (av.error.FFmpegError, IndexError) as err:
         raise VideoError(f"cannot decode clip: {err}") from err
+    if wanted is not None:
+        if len(rgb_by_index) < len(wanted_set):
+            # Fewer frames than the header promised (a damaged clip): select from what decoded.
+            if index < 0:
+                raise VideoError("clip has no frames")
+            every_frame = decode_clip(data, threads=threads)
+            return every_frame[np.asarray(select(len(every_frame)))]
+        frames = [rgb_by_index[i] for i in wanted.tolist()]
+    elif select is not None and frames:
+        frames = [frames[i] for i in np.asarray(select(len(frames))).tolist()]
     if not frames:
         raise VideoError("clip has no frames")
     clip = np.stack(frames)

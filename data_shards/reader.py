@@ -1,0 +1,672 @@
+"""Streaming reader: WebDataset shards of clips and captions → batches of uint8 video and tokens.
+
+The pipeline, one stage a line in ``build_pipeline``::
+
+    train  ResampledShards (with replacement, seeded per rank and worker)
+           → tar to samples (log, count, go on) → shuffle the still-encoded samples
+           → decode, T frames by segments, random resized crop, flip → batch + tokenize
+    eval   SimpleShardList → split by rank and worker → tar to samples
+           → decode, T frames uniformly, centre crop → batch + tokenize
+
+Batches are dicts: ``video`` uint8 (B, T, C, H, W) RGB, not normalized (that is cheaper on
+the accelerator); ``input_ids`` and ``attention_mask`` long (B, L); ``text``, ``key``,
+``item_id`` (str or None) and ``meta`` (the sample's json, {} without one) as lists.
+
+How the data is split. Every DataLoader worker of every rank is one *slot*,
+``slot = rank * num_workers + worker`` out of ``slots = world_size * num_workers`` (a loader
+without workers is one slot per rank). Rank and world size are constructor arguments; nothing
+in the pipeline reads torch.distributed or the environment, which is why webdataset's
+``split_by_node`` (it reads both) is not used. The worker id comes from
+``torch.utils.data.get_worker_info()`` inside the worker.
+
+- eval, at least as many shards as slots: slot s reads shards s, s + slots, s + 2·slots, …
+- eval, fewer shards than slots: splitting shards would leave slots (whole ranks, maybe) with
+  nothing, so every slot reads every shard and keeps the samples whose running index i (in
+  tar order, counted before decoding) has ``i % slots == s``. Each sample is still decoded
+  and delivered exactly once; the tars are read ``slots`` times over, which is fine for the
+  small sets where this happens.
+- train: every slot draws shards with replacement from the whole list from its own seed, so
+  no slot runs dry whatever the shard count. A pass is ``ceil(epoch_size / (batch_size ·
+  world_size))`` batches on every rank (the same count everywhere, so no rank waits on
+  another in a collective), or endless without ``epoch_size``.
+- eval: ranks can get different numbers of batches; gather results after the loop, not in it.
+
+Corrupt data. A sample whose mp4 does not decode, whose json does not parse, or that has no
+mp4 is dropped and counted; a tar that cannot be read (truncated, missing, HTTP error) is
+logged and counted (one damaged tar can count twice), and the stream goes on with the next
+shard. A tar cut off exactly between two members just ends early: tar has no error to give.
+The counts travel inside the batches from the workers and add up in
+``loader.skipped_samples`` and ``loader.shard_errors``.
+In train mode a worker that meets ``STALL_LIMIT`` failures in a row without one good sample
+raises instead of spinning forever on unreadable data.
+
+Position. ``loader.state_dict()`` holds the seed, the pass index (``epoch``), the batches
+delivered in that pass, a ``restarts`` count and, in eval mode, how many samples each of the
+rank's slots has consumed. After ``load_state_dict``:
+
+- train: every random stream (shard draws, shuffle buffer, frame picks, crops, flips) is
+  seeded from (seed, epoch, restarts, slot), and a pass that starts part-way through an epoch
+  first adds one to ``restarts``. So the resumed job draws data it has not seen, rather than
+  replaying the stream from before the checkpoint, and two resumes from one state draw the
+  same batches. The pass runs for its remaining batches, so epochs stay aligned.
+- eval: each slot skips the samples it had consumed, before decoding them (cheap), and the
+  epoch ends with exactly the samples not yet delivered. World size and num_workers must be
+  those of the saved state.
+
+Workers are not persistent: each pass builds its pipeline with that pass's seeds and resume
+offsets in it, which a persistent worker would never see.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import json
+import logging
+import math
+import os
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from braceexpand import braceexpand
+
+from data_shards.text import load_tokenizer
+from data_shards.video import VideoError, decode_clip
+
+logger = logging.getLogger(__name__)
+
+STALL_LIMIT = 1000
+"""Failures in a row (bad samples or unreadable shards) after which a train worker gives up."""
+
+_STATE_VERSION = 1
+# Purposes mixed into derived seeds so that the streams of one slot are independent.
+_SHARDS, _SHUFFLE, _AUGMENT = 0, 1, 2
+
+
+@dataclass
+class ReaderConfig:
+    shards: str | list[str]
+    """Glob or brace pattern (``dir/{00000..00009}.tar``, ``dir/*.tar``), a directory (its
+    ``index.json`` shard list, else its ``*.tar``), ``http(s)://`` URLs, ``pipe:`` commands,
+    or a list of any of these; ``::`` separates several in one string."""
+    mode: Literal["train", "eval"] = "train"
+    """train: resampled shards, shuffling, random crops; eval: each sample once, centre crops."""
+    num_frames: int = 16
+    """T, frames per clip."""
+    size: int = 224
+    """Output height and width."""
+    batch_size: int = 32
+    """Per rank."""
+    num_workers: int = 4
+    """DataLoader workers per rank (0 reads in the main process)."""
+    shuffle_buffer: int = 1000
+    """Encoded samples each train worker shuffles among."""
+    seed: int = 0
+    tokenizer_dir: str | None = None
+    """A local transformers tokenizer directory; None for the packaged all-MiniLM-L6-v2."""
+    max_text_length: int = 64
+    """L: captions are padded and truncated to this many tokens."""
+    epoch_size: int | None = None
+    """Train: samples per pass over all ranks (None: one endless pass). Ignored in eval."""
+    crop_scale: tuple[float, float] = (0.4, 1.0)
+    """Train: area of the random crop as a fraction of the frame."""
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    """Train: width / height of the random crop."""
+    flip_prob: float = 0.5
+    """Train: probability of a horizontal flip (the whole clip)."""
+
+    def __post_init__(self):
+        if self.mode not in ("train", "eval"):
+            raise ValueError(f"mode must be 'train' or 'eval', got {self.mode!r}")
+        for name in ("num_frames", "size", "batch_size", "shuffle_buffer", "max_text_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.epoch_size is not None and self.epoch_size < 1:
+            raise ValueError(f"epoch_size must be None or at least 1, got {self.epoch_size}")
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
+        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise ValueError(f"crop_ratio must satisfy 0 < low <= high, got {self.crop_ratio}")
+        if not 0 <= self.flip_prob <= 1:
+            raise ValueError(f"flip_prob must be in [0, 1], got {self.flip_prob}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shard lists
+
+
+def resolve_shards(spec: str | Sequence[str]) -> list[str]:
+    """Expand a shard spec to a list of URLs and paths webdataset can open, in a fixed order."""
+    items = spec.split("::") if isinstance(spec, str) else list(spec)
+    urls: list[str] = []
+    for item in items:
+        if item.startswith("pipe:") or "://" in item:
+            urls.extend(braceexpand(item))
+        elif os.path.isdir(os.path.expanduser(item)):
+            urls.extend(_directory_shards(Path(item).expanduser()))
+        else:
+            for pattern in braceexpand(os.path.expanduser(item)):
+                if any(char in pattern for char in "*?["):
+                    matches = sorted(glob.glob(pattern))
+                    if not matches:
+                        raise FileNotFoundError(f"no shards match {pattern}")
+                    urls.extend(matches)
+                else:
+                    urls.append(pattern)
+    missing = [url for url in urls if _is_local(url) and not os.path.isfile(url)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} shard(s) do not exist, e.g. {missing[0]}")
+    if not urls:
+        raise ValueError(f"no shards in {spec!r}")
+    return urls
+
+
+def _is_local(url: str) -> bool:
+    return not (url.startswith("pipe:") or "://" in url)
+
+
+def _directory_shards(directory: Path) -> list[str]:
+    index = directory / "index.json"
+    if not index.is_file():
+        return sorted(str(path) for path in directory.glob("*.tar"))
+    entries = json.loads(index.read_text())["shards"]
+    # data_shards.build writes {"name": ...} records; a plain list of names works too.
+    names = [entry["name"] if isinstance(entry, dict) else entry for entry in entries]
+    return [name if not _is_local(name) else str(directory / name) for name in names]
+
+
+# ---------------------------------------------------------------------------------------------
+# Frame sampling and cropping (torch, uint8 throughout)
+
+
+def uniform_frame_indices(available: int, num_frames: int) -> np.ndarray:
+    """The centre frame of each of ``num_frames`` equal segments; repeats when too few."""
+    return ((np.arange(num_frames) + 0.5) * available / num_frames).astype(np.int64)
+
+
+def segment_frame_indices(available: int, num_frames: int, rng: random.Random) -> np.ndarray:
+    """One random frame from each of ``num_frames`` equal segments (TSN sampling).
+
+    With fewer frames than segments the segments are shorter than a frame and indices repeat.
+    """
+    offsets = np.array([rng.random() for _ in range(num_frames)])
+    indices = ((np.arange(num_frames) + offsets) * available / num_frames).astype(np.int64)
+    return np.minimum(indices, available - 1)
+
+
+def _resize(clip: torch.Tensor, size: int) -> torch.Tensor:
+    """(T, C, h, w) → (T, C, size, size) in one call for all frames."""
+    height, width = clip.shape[-2:]
+    if (height, width) == (size, size):
+        return clip
+    # Antialiasing only matters, and only costs, when shrinking.
+    shrink = height > size or width > size
+    return F.interpolate(
+        clip, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink
+    )
+
+
+def random_resized_crop(
+    clip: torch.Tensor,
+    size: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    rng: random.Random,
+) -> torch.Tensor:
+    """(T, C, H, W) → (T, C, size, size): one random box for all frames, cut before resizing.
+
+    The box is drawn as torchvision's RandomResizedCrop does, falling back to the largest
+    centred box of an allowed aspect ratio after ten misses.
+    """
+    height, width = clip.shape[-2:]
+    area = height * width
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(log_low, log_high))
+        crop_w = round(math.sqrt(target_area * aspect))
+        crop_h = round(math.sqrt(target_area / aspect))
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            top = rng.randint(0, height - crop_h)
+            left = rng.randint(0, width - crop_w)
+            break
+    else:
+        aspect = min(max(width / height, ratio[0]), ratio[1])
+        crop_w, crop_h = width, height
+        if width / height > aspect:
+            crop_w = round(height * aspect)
+        else:
+            crop_h = round(width / aspect)
+        top, left = (height - crop_h) // 2, (width - crop_w) // 2
+    return _resize(clip[:, :, top : top + crop_h, left : left + crop_w], size)
+
+
+def center_crop(clip: torch.Tensor, size: int) -> torch.Tensor:
+    """(T, C, H, W) → (T, C, size, size): the short side resized to ``size``, centre kept.
+
+    Cuts the centred square first and resizes once, the same picture as resize-then-crop.
+    """
+    height, width = clip.shape[-2:]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    return _resize(clip[:, :, top : top + side, left : left + side], size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline stages. They run inside DataLoader workers; each finds its slot there.
+
+
+def _slot(rank: int, world_size: int) -> tuple[int, int]:
+    """(this worker's slot, number of slots) over all ranks."""
+    info = torch.utils.data.get_worker_info()
+    worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    return rank * num_workers + worker, world_size * num_workers
+
+
+def _slot_index(rank: int, world_size: int) -> int:
+    return _slot(rank, world_size)[0]
+
+
+def _derive_seed(*parts: int) -> int:
+    # SeedSequence mixes well and, unlike hash(), never depends on PYTHONHASHSEED.
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+class _Tally:
+    """Failures one worker has met and not yet reported in a batch."""
+
+    def __init__(self, stall_limit: int | None):
+        self.stall_limit = stall_limit
+        self.skipped_samples = 0
+        self.shard_errors = 0
+        self.failures_in_a_row = 0
+
+    def failure(self):
+        self.failures_in_a_row += 1
+        if self.stall_limit is not None and self.failures_in_a_row >= self.stall_limit:
+            raise RuntimeError(
+                f"{self.failures_in_a_row} unreadable shards or samples in a row: "
+                "check the shard spec and the data"
+            )
+
+    def take(self) -> tuple[int, int]:
+        counts = self.skipped_samples, self.shard_errors
+        self.skipped_samples = self.shard_errors = 0
+        return counts
+
+
+class _ShardErrorHandler:
+    """webdataset handler: log and count a tar that cannot be read, then go on."""
+
+    def __init__(self, tally: _Tally):
+        self.tally = tally
+
+    def __call__(self, exn: Exception) -> bool:
+        logger.warning("skipping unreadable shard data: %r", exn)
+        self.tally.shard_errors += 1
+        self.tally.failure()
+        return True
+
+
+def _split_by_slot(shards: Iterator[dict], rank: int, world_size: int):
+    """Every slots-th shard for this slot, or all shards when there are fewer than slots."""
+    slot, slots = _slot(rank, world_size)
+    shards = list(shards)
+    if len(shards) >= slots:
+        yield from shards[slot::slots]
+    else:
+        yield from shards
+
+
+def _number_samples(
+    samples: Iterator[dict], rank: int, world_size: int, num_shards: int, resume: Sequence[int]
+):
+    """Number this slot's samples (``__position__``), striding and resuming before decoding.
+
+    With fewer shards than slots every slot sees every sample; keep every slots-th. Samples
+    before the slot's resume position were delivered before the checkpoint.
+    """
+    slot, slots = _slot(rank, world_size)
+    stride = slots if num_shards < slots else 1
+    worker = slot - rank * (slots // world_size)
+    start = resume[worker] if worker < len(resume) else 0
+    for index, sample in enumerate(samples):
+        if index % stride != slot % stride:
+            continue
+        position = index // stride
+        if position < start:
+            continue
+        sample["__position__"] = position
+        yield sample
+
+
+def _shuffle_in_slot(samples: Iterator[dict], bufsize: int, seed: int, rank: int, world_size: int):
+    """webdataset's shuffle with a buffer RNG seeded for this slot."""
+    rng = random.Random(_derive_seed(seed, _slot_index(rank, world_size), _SHUFFLE))
+    yield from wds.shuffle(bufsize, initial=min(bufsize, 100), rng=rng)(samples)
+
+
+class _ClipDecoder:
+    """Sample → {video (T, C, H, W) uint8, text, key, item_id, meta}, or None if corrupt."""
+
+    def __init__(self, config: ReaderConfig, seed: int, rank: int, world_size: int, tally: _Tally):
+        self.config, self.seed, self.rank, self.world_size = config, seed, rank, world_size
+        self.train = config.mode == "train"
+        self.tally = tally
+        self.slot: int | None = None
+        self.rng: random.Random | None = None
+        self.end_position = 0
+        """One past the position of the last sample seen, good or not."""
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any] | None:
+        if self.rng is None:
+            # First call, inside the worker: only now is the slot known.
+            self.slot = _slot_index(self.rank, self.world_size)
+            self.rng = random.Random(_derive_seed(self.seed, self.slot, _AUGMENT))
+        position = sample.get("__position__")
+        if position is not None:
+            self.end_position = position + 1
+        try:
+            decoded = self._decode(sample)
+        except (VideoError, ValueError, KeyError, TypeError) as err:
+            logger.warning(
+                "skipping sample %s (%s): %s", sample.get("__key__"), sample.get("__url__"), err
+            )
+            self.tally.skipped_samples += 1
+            self.tally.failure()
+            return None
+        self.tally.failures_in_a_row = 0
+        decoded["__slot__"] = self.slot
+        decoded["__position__"] = position
+        decoded["__tally__"] = self.tally.take()
+        return decoded
+
+    def _decode(self, sample: dict[str, Any]) -> dict[str, Any]:
+        config = self.config
+        if "mp4" not in sample:
+            raise KeyError("no mp4")
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+        if not isinstance(meta, dict):
+            raise ValueError(f"json is a {type(meta).__name__}, not an object")
+        if "txt" in sample:
+            # A caption with a bad byte still labels a good clip: keep it, replaced.
+            text = sample["txt"].decode("utf-8", errors="replace")
+        else:
+            text = str(meta.get("caption") or "")
+        if self.train:
+            select = functools.partial(
+                segment_frame_indices, num_frames=config.num_frames, rng=self.rng
+            )
+        else:
+            select = functools.partial(uniform_frame_indices, num_frames=config.num_frames)
+        frames = decode_clip(sample["mp4"], select=select)  # (T, H, W, 3)
+        clip = torch.from_numpy(frames).permute(0, 3, 1, 2)  # (T, 3, H, W)
+        if self.train:
+            clip = random_resized_crop(
+                clip, config.size, config.crop_scale, config.crop_ratio, self.rng
+            )
+            if self.rng.random() < config.flip_prob:
+                clip = clip.flip(-1)
+        else:
+            clip = center_crop(clip, config.size)
+        item_id = meta.get("item_id")
+        return {
+            "video": clip.contiguous(),
+            "text": text,
+            "key": sample["__key__"],
+            "item_id": None if item_id is None else str(item_id),
+            "meta": meta,
+        }
+
+
+class _Collate:
+    """Samples → one batch; captions are tokenized here, all at once, not per sample."""
+
+    def __init__(self, tokenizer, max_length: int):
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        texts = [sample["text"] for sample in samples]
+        tokens = self.tokenizer(
+            texts,
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        positions = [sample["__position__"] for sample in samples]
+        return {
+            "video": torch.stack([sample["video"] for sample in samples]),  # (B, T, C, H, W)
+            "input_ids": tokens["input_ids"].long(),  # (B, L)
+            "attention_mask": tokens["attention_mask"].long(),  # (B, L)
+            "text": texts,
+            "key": [sample["key"] for sample in samples],
+            "item_id": [sample["item_id"] for sample in samples],
+            "meta": [sample["meta"] for sample in samples],
+            "_reader": {
+                "slot": samples[0]["__slot__"],
+                "end_position": None if positions[0] is None else max(positions) + 1,
+                "skipped": sum(sample["__tally__"][0] for sample in samples),
+                "shard_errors": sum(sample["__tally__"][1] for sample in samples),
+            },
+        }
+
+
+def _report_leftovers(batches: Iterator[dict], decoder: _ClipDecoder, tally: _Tally):
+    """Pass batches on, then report failures met after the last batch in a video-less batch."""
+    yield from batches
+    skipped, shard_errors = tally.take()
+    if skipped or shard_errors:
+        yield {
+            "_reader": {
+                "slot": decoder.slot,
+                "end_position": decoder.end_position,
+                "skipped": skipped,
+                "shard_errors": shard_errors,
+            }
+        }
+
+
+# Curried stages: ``split_by_slot(rank, world_size)`` is a pipeline stage, as in webdataset.
+split_by_slot = wds.pipelinefilter(_split_by_slot)
+number_samples = wds.pipelinefilter(_number_samples)
+shuffle_in_slot = wds.pipelinefilter(_shuffle_in_slot)
+report_leftovers = wds.pipelinefilter(_report_leftovers)
+
+
+def build_pipeline(
+    config: ReaderConfig,
+    shards: list[str],
+    tokenizer,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    epoch: int = 0,
+    restarts: int = 0,
+    resume: Sequence[int] = (),
+    batches_per_worker: int | None = None,
+) -> wds.DataPipeline:
+    """The per-worker pipeline for one pass, yielding collated batches.
+
+    ``resume[w]`` is how many samples worker w of this rank already delivered (eval).
+    Batches also carry a ``_reader`` dict of bookkeeping that ``VideoTextLoader`` removes.
+    """
+    train = config.mode == "train"
+    seed = _derive_seed(config.seed, epoch, restarts)
+    tally = _Tally(stall_limit=STALL_LIMIT if train else None)
+    handler = _ShardErrorHandler(tally)
+    decoder = _ClipDecoder(config, seed, rank, world_size, tally)
+    collate = _Collate(tokenizer, config.max_text_length)
+    slot_index = functools.partial(_slot_index, rank, world_size)
+    if train:
+        stages = [
+            wds.ResampledShards(shards, seed=seed, worker_seed=slot_index, deterministic=True),
+            wds.tarfile_to_samples(handler=handler),
+            shuffle_in_slot(config.shuffle_buffer, seed, rank, world_size),
+        ]
+    else:
+        stages = [
+            wds.SimpleShardList(shards),
+            split_by_slot(rank, world_size),
+            wds.tarfile_to_samples(handler=handler),
+            number_samples(rank, world_size, len(shards), list(resume)),
+        ]
+    stages += [
+        wds.map(decoder),
+        wds.batched(config.batch_size, collation_fn=collate, partial=not train),
+        report_leftovers(decoder, tally),
+    ]
+    pipeline = wds.DataPipeline(*stages)
+    if batches_per_worker is not None:
+        pipeline = pipeline.with_epoch(batches_per_worker)
+    return pipeline
+
+
+# ---------------------------------------------------------------------------------------------
+# Loader
+
+
+class VideoTextLoader:
+    """Iterates batches for one rank, a pass at a time; counts failures; saves its position."""
+
+    def __init__(self, config: ReaderConfig, rank: int = 0, world_size: int = 1, tokenizer=None):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        self.config, self.rank, self.world_size = config, rank, world_size
+        self.shards = resolve_shards(config.shards)
+        self.tokenizer = (
+            tokenizer if tokenizer is not None else load_tokenizer(config.tokenizer_dir)
+        )
+        self.train = config.mode == "train"
+        self.workers_per_rank = max(1, config.num_workers)
+        self.num_batches: int | None = None
+        """Batches per pass on this rank; None for an endless train pass or an eval pass."""
+        if self.train and config.epoch_size is not None:
+            self.num_batches = math.ceil(config.epoch_size / (config.batch_size * world_size))
+        self.epoch = 0
+        """Index of the pass under way, or next to start."""
+        self.batches_in_epoch = 0
+        self.restarts = 0
+        self.positions = [0] * self.workers_per_rank
+        """Eval: samples each worker of this rank has delivered in the current pass."""
+        self.skipped_samples = 0
+        self.shard_errors = 0
+        logger.info(
+            "reader rank %d/%d: %d shards, mode %s, %d workers",
+            rank,
+            world_size,
+            len(self.shards),
+            config.mode,
+            config.num_workers,
+        )
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        config = self.config
+        if self.train and self.batches_in_epoch > 0:
+            # Resuming inside a pass: fresh random streams, never a replay of what was seen.
+            self.restarts += 1
+        remaining = None
+        batches_per_worker = None
+        if self.num_batches is not None:
+            remaining = self.num_batches - self.batches_in_epoch
+            batches_per_worker = math.ceil(remaining / self.workers_per_rank)
+        dataset = build_pipeline(
+            config,
+            self.shards,
+            self.tokenizer,
+            rank=self.rank,
+            world_size=self.world_size,
+            epoch=self.epoch,
+            restarts=self.restarts,
+            resume=self.positions if not self.train else (),
+            batches_per_worker=batches_per_worker,
+        )
+        loader = wds.WebLoader(
+            dataset, batch_size=None, num_workers=config.num_workers, persistent_workers=False
+        )
+        delivered = 0
+        if remaining is None or remaining > 0:
+            for batch in loader:
+                bookkeeping = batch.pop("_reader")
+                self.skipped_samples += bookkeeping["skipped"]
+                self.shard_errors += bookkeeping["shard_errors"]
+                if bookkeeping["end_position"] is not None:
+                    worker = bookkeeping["slot"] - self.rank * self.workers_per_rank
+                    self.positions[worker] = bookkeeping["end_position"]
+                if "video" not in batch:
+                    continue
+                self.batches_in_epoch += 1
+                delivered += 1
+                yield batch
+                if remaining is not None and delivered >= remaining:
+                    break
+        logger.info(
+            "reader rank %d: pass %d done, %d batches, %d samples skipped, %d shard errors",
+            self.rank,
+            self.epoch,
+            self.batches_in_epoch,
+            self.skipped_samples,
+            self.shard_errors,
+        )
+        self.epoch += 1
+        self.batches_in_epoch = 0
+        self.positions = [0] * self.workers_per_rank
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain ints and lists (JSON and torch.save both take it); one per rank."""
+        return {
+            "version": _STATE_VERSION,
+            "mode": self.config.mode,
+            "seed": self.config.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_workers": self.config.num_workers,
+            "epoch": self.epoch,
+            "batches_in_epoch": self.batches_in_epoch,
+            "restarts": self.restarts,
+            "positions": list(self.positions),
+            "skipped_samples": self.skipped_samples,
+            "shard_errors": self.shard_errors,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]):
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"unknown reader state version {state.get('version')}")
+        if state["mode"] != self.config.mode or state["seed"] != self.config.seed:
+            raise ValueError(
+                f"state is for mode {state['mode']!r} seed {state['seed']}, this loader is "
+                f"mode {self.config.mode!r} seed {self.config.seed}"
+            )
+        layout = (state["rank"], state["world_size"], state["num_workers"])
+        if not self.train and layout != (self.rank, self.world_size, self.config.num_workers):
+            # Sample positions are per slot; another layout would deliver samples twice or never.
+            raise ValueError(
+                f"eval state was saved with (rank, world_size, num_workers) = {layout}, this "
+                f"loader has {(self.rank, self.world_size, self.config.num_workers)}"
+            )
+        self.epoch = state["epoch"]
+        self.batches_in_epoch = state["batches_in_epoch"]
+        self.restarts = state["restarts"]
+        self.positions = list(state["positions"]) if not self.train else [0] * self.workers_per_rank
+        self.skipped_samples = state["skipped_samples"]
+        self.shard_errors = state["shard_errors"]
+
+
+def build_loader(
+    config: ReaderConfig, rank: int = 0, world_size: int = 1, tokenizer=None
+) -> VideoTextLoader:
+    """The loader for one rank; rank and world size come from the caller, never from globals.
+
+    ``tokenizer`` defaults to the one in ``config.tokenizer_dir``.
+    """
+    return VideoTextLoader(config, rank=rank, world_size=world_size, tokenizer=tokenizer)

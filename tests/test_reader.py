@@ -1,0 +1,400 @@
+"""Streaming reader: shapes, frame sampling, splits across ranks and workers, bad data, resume."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import random
+import signal
+import tarfile
+import threading
+from contextlib import contextmanager
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+import torch
+from shard_factory import (
+    key_index,
+    read_frame_index,
+    read_sample_code,
+    sample_key,
+    write_shards,
+)
+
+from data_shards import reader
+from data_shards.reader import (
+    ReaderConfig,
+    build_loader,
+    center_crop,
+    random_resized_crop,
+    resolve_shards,
+    segment_frame_indices,
+    uniform_frame_indices,
+)
+from data_shards.text import load_tokenizer
+
+SIZE, FRAMES = 32, 4
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+def config(shards, **overrides) -> ReaderConfig:
+    settings = dict(
+        shards=str(shards),
+        mode="eval",
+        num_frames=FRAMES,
+        size=SIZE,
+        batch_size=4,
+        num_workers=0,
+        shuffle_buffer=8,
+        max_text_length=16,
+    )
+    settings.update(overrides)
+    return ReaderConfig(**settings)
+
+
+def read_all(loader) -> list[dict]:
+    return list(loader)
+
+
+def keys_of(batches) -> list[str]:
+    return [key for batch in batches for key in batch["key"]]
+
+
+def frame_codes(video: torch.Tensor) -> list[int]:
+    """(T, C, H, W) → the frame index coded in the top half of each frame."""
+    height = video.shape[-2]
+    top = video[:, 0, height // 10 : height * 35 // 100].float().mean(dim=(1, 2))
+    return [read_frame_index(level) for level in top.tolist()]
+
+
+def sample_code(video: torch.Tensor) -> int:
+    height = video.shape[-2]
+    bottom = video[:, 0, height * 65 // 100 : height * 9 // 10].float().mean()
+    return read_sample_code(bottom.item())
+
+
+@contextmanager
+def deadline(seconds: int):
+    """Fail instead of hanging the test run."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"no result within {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_resolve_shards_forms(tmp_path):
+    written = write_shards(tmp_path / "d", 3, 1)
+    paths = [str(p) for p in written.paths]
+    assert resolve_shards(str(tmp_path / "d" / "{00000..00002}.tar")) == paths
+    assert resolve_shards(str(tmp_path / "d" / "*.tar")) == paths
+    assert resolve_shards(str(tmp_path / "d")) == paths  # index.json
+    # The index order wins over name order.
+    index = json.loads((tmp_path / "d" / "index.json").read_text())
+    index["shards"].reverse()
+    (tmp_path / "d" / "index.json").write_text(json.dumps(index))
+    assert resolve_shards(str(tmp_path / "d")) == paths[::-1]
+    (tmp_path / "d" / "index.json").unlink()
+    assert resolve_shards(str(tmp_path / "d")) == paths  # *.tar without an index
+    assert resolve_shards("http://h/{0..1}.tar::pipe:cat x.tar") == [
+        "http://h/0.tar",
+        "http://h/1.tar",
+        "pipe:cat x.tar",
+    ]
+    with pytest.raises(FileNotFoundError):
+        resolve_shards(str(tmp_path / "d" / "{00000..00003}.tar"))
+    with pytest.raises(FileNotFoundError):
+        resolve_shards(str(tmp_path / "nothing-*.tar"))
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError):
+        ReaderConfig(shards="x", mode="test")
+    with pytest.raises(ValueError):
+        ReaderConfig(shards="x", crop_scale=(0.0, 1.0))
+    with pytest.raises(ValueError):
+        ReaderConfig(shards="x", num_frames=0)
+
+
+def test_batch_shapes_dtypes_and_content(tmp_path, tokenizer):
+    written = write_shards(tmp_path, 2, 5)
+    loader = build_loader(config(tmp_path, batch_size=4), tokenizer=tokenizer)
+    batches = read_all(loader)
+    assert [len(b["key"]) for b in batches] == [4, 4, 2]  # eval keeps the partial batch
+    first = batches[0]
+    assert first["video"].dtype == torch.uint8
+    assert first["video"].shape == (4, FRAMES, 3, SIZE, SIZE)
+    assert first["input_ids"].dtype == torch.long and first["input_ids"].shape == (4, 16)
+    assert first["attention_mask"].dtype == torch.long and first["attention_mask"].shape == (4, 16)
+    assert set(first) == {"video", "input_ids", "attention_mask", "text", "key", "item_id", "meta"}
+    assert keys_of(batches) == written.keys
+    for batch in batches:
+        for video, key, item_id, meta, text, mask in zip(
+            batch["video"],
+            batch["key"],
+            batch["item_id"],
+            batch["meta"],
+            batch["text"],
+            batch["attention_mask"],
+            strict=True,
+        ):
+            index = key_index(key)
+            assert sample_code(video) == index % 22  # the pixels belong to this key
+            assert item_id == f"item{index}" and meta["sample_index"] == index
+            assert text == meta["caption"]
+            if text == "":
+                assert mask.sum() == 2  # [CLS] [SEP]
+    texts = [t for b in batches for t in b["text"]]
+    assert any("Zürich ☕" in t for t in texts) and any("日本語" in t for t in texts)
+    assert loader.skipped_samples == 0
+
+
+def test_eval_frames_are_uniform(tmp_path, tokenizer):
+    write_shards(tmp_path, 1, 3, num_frames=12)
+    batch = next(iter(build_loader(config(tmp_path, num_frames=4), tokenizer=tokenizer)))
+    for video in batch["video"]:
+        assert frame_codes(video) == [1, 4, 7, 10]  # centres of 4 segments of 12 frames
+    # More frames wanted than the clip has: indices repeat, in order, covering the clip.
+    batch = next(iter(build_loader(config(tmp_path, num_frames=16), tokenizer=tokenizer)))
+    codes = frame_codes(batch["video"][0])
+    assert codes == uniform_frame_indices(12, 16).tolist()
+    assert codes == [0, 1, 1, 2, 3, 4, 4, 5, 6, 7, 7, 8, 9, 10, 10, 11]
+
+
+def test_segment_indices_stay_in_their_segments():
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(200):
+        indices = segment_frame_indices(12, 4, rng)
+        for k, index in enumerate(indices):
+            assert 3 * k <= index < 3 * k + 3
+        seen.add(tuple(indices))
+    assert len(seen) > 20  # random, not always the centre
+    short = segment_frame_indices(3, 8, rng)
+    assert short.min() >= 0 and short.max() <= 2 and (np.diff(short) >= 0).all()
+
+
+def coordinate_clip(height: int, width: int) -> torch.Tensor:
+    """(2, 3, H, W) uint8 whose channel 0 holds the row and channel 1 the column."""
+    rows = torch.arange(height, dtype=torch.uint8)[:, None].expand(height, width)
+    cols = torch.arange(width, dtype=torch.uint8)[None, :].expand(height, width)
+    frame = torch.stack([rows, cols, torch.zeros_like(rows)])
+    return frame.expand(2, 3, height, width).clone()
+
+
+def test_crops_cut_the_right_box():
+    clip = coordinate_clip(40, 56)
+    assert torch.equal(center_crop(clip, 40), clip[..., 8:48])
+    small = center_crop(clip, 20)
+    assert small.dtype == torch.uint8 and small.shape == (2, 3, 20, 20)
+    # No box of area 1 fits a square ratio in 40×56: the centred square is the fallback.
+    fallback = random_resized_crop(clip, 40, (1.0, 1.0), (1.0, 1.0), random.Random(0))
+    assert torch.equal(fallback, clip[..., 8:48])
+    big = coordinate_clip(80, 80)
+    rng = random.Random(0)
+    tops, lefts = set(), set()
+    for _ in range(20):
+        crop = random_resized_crop(big, 40, (0.25, 0.25), (1.0, 1.0), rng)
+        top, left = int(crop[0, 0, 0, 0]), int(crop[0, 1, 0, 0])
+        assert torch.equal(crop, big[..., top : top + 40, left : left + 40])
+        tops.add(top)
+        lefts.add(left)
+    assert len(tops) > 5 and len(lefts) > 5
+
+
+def test_train_frames_come_from_segments(tmp_path, tokenizer):
+    write_shards(tmp_path, 1, 6, num_frames=12)
+    # Full-height crops keep the top-half frame code readable.
+    cfg = config(tmp_path, mode="train", crop_scale=(1.0, 1.0), flip_prob=0.0, epoch_size=12)
+    picks = set()
+    for batch in build_loader(cfg, tokenizer=tokenizer):
+        for video in batch["video"]:
+            codes = frame_codes(video)
+            assert all(3 * k <= code < 3 * k + 3 for k, code in enumerate(codes)), codes
+            picks.add(tuple(codes))
+    assert len(picks) > 1
+
+
+def test_train_augmentation_is_seeded(tmp_path, tokenizer):
+    write_shards(tmp_path, 3, 4)
+
+    def run(seed):
+        cfg = config(tmp_path, mode="train", seed=seed, num_workers=2, epoch_size=16)
+        return [(b["key"], b["video"]) for b in build_loader(cfg, tokenizer=tokenizer)]
+
+    first, again, other = run(0), run(0), run(1)
+    assert len(first) == 4
+    for (keys_a, video_a), (keys_b, video_b) in zip(first, again, strict=True):
+        assert keys_a == keys_b and torch.equal(video_a, video_b)
+    assert any(
+        keys_a != keys_b or not torch.equal(video_a, video_b)
+        for (keys_a, video_a), (keys_b, video_b) in zip(first, other, strict=True)
+    )
+
+
+@pytest.mark.parametrize(
+    "num_shards, per_shard",
+    [(9, 3), (1, 13), (3, 5)],
+    ids=["shards>=slots", "one-shard", "fewer-shards-than-slots"],
+)
+def test_eval_splits_each_sample_once_over_ranks_and_workers(
+    tmp_path, tokenizer, num_shards, per_shard
+):
+    written = write_shards(tmp_path, num_shards, per_shard)
+    per_rank = []
+    for rank in range(2):
+        cfg = config(tmp_path, batch_size=2, num_workers=2)
+        loader = build_loader(cfg, rank=rank, world_size=2, tokenizer=tokenizer)
+        with deadline(60):
+            keys = keys_of(read_all(loader))
+        assert len(keys) == len(set(keys))
+        per_rank.append(set(keys))
+        assert keys  # no rank starves
+    assert not per_rank[0] & per_rank[1]
+    assert per_rank[0] | per_rank[1] == set(written.keys)
+
+
+def test_resampled_with_one_shard_feeds_every_rank_and_worker(tmp_path, tokenizer):
+    write_shards(tmp_path, 1, 6)
+    streams = []
+    for rank in range(2):
+        cfg = config(tmp_path, mode="train", batch_size=2, num_workers=2, epoch_size=16)
+        loader = build_loader(cfg, rank=rank, world_size=2, tokenizer=tokenizer)
+        with deadline(60):
+            batches = read_all(loader)
+        assert len(batches) == loader.num_batches == 4  # 16 samples / (2 per batch · 2 ranks)
+        streams.append(keys_of(batches))
+    assert streams[0] != streams[1]  # each rank draws its own stream
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_corrupt_samples_are_skipped_and_counted(tmp_path, tokenizer, num_workers):
+    # 2 shards of 6: samples 3, 7, 11 are broken (bad mp4, bad json, no mp4); 11 is the last.
+    written = write_shards(tmp_path, 2, 6, corrupt_every=4)
+    assert len(written.corrupt_keys) == 3
+    loader = build_loader(config(tmp_path, num_workers=num_workers), tokenizer=tokenizer)
+    keys = keys_of(read_all(loader))
+    assert sorted(keys) == sorted(written.keys)
+    assert loader.skipped_samples == 3
+    assert loader.state_dict()["skipped_samples"] == 3
+
+
+def test_train_worker_gives_up_on_unreadable_data(tmp_path, tokenizer, monkeypatch):
+    # Resampling never runs out of shards, so all-bad data would otherwise spin forever.
+    monkeypatch.setattr(reader, "STALL_LIMIT", 30)
+    write_shards(tmp_path, 2, 3, corrupt_every=1)
+    loader = build_loader(config(tmp_path, mode="train", epoch_size=8), tokenizer=tokenizer)
+    with deadline(60), pytest.raises(RuntimeError, match="in a row"):
+        next(iter(loader))
+
+
+def test_truncated_shard_is_survived(tmp_path, tokenizer):
+    written = write_shards(tmp_path, 2, 6)
+    damaged = written.paths[0]
+    with tarfile.open(damaged) as tar:
+        cut = tar.getmember(f"{sample_key(3)}.mp4").offset_data + 100
+    with open(damaged, "r+b") as stream:
+        stream.truncate(cut)
+    loader = build_loader(config(tmp_path), tokenizer=tokenizer)
+    keys = keys_of(read_all(loader))
+    assert keys == [sample_key(i) for i in (0, 1, 2, 6, 7, 8, 9, 10, 11)]
+    assert loader.shard_errors >= 1
+
+
+def test_reads_over_http(tmp_path, tokenizer):
+    written = write_shards(tmp_path, 2, 3)
+
+    class QuietHandler(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(tmp_path))
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        spec = f"http://127.0.0.1:{port}/{{00000..00001}}.tar"
+        with deadline(60):
+            keys = keys_of(read_all(build_loader(config(spec), tokenizer=tokenizer)))
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert keys == written.keys
+
+
+def test_reads_from_pipe(tmp_path, tokenizer):
+    written = write_shards(tmp_path, 2, 3)
+    spec = f"pipe:cat {tmp_path}/{{00000..00001}}.tar"
+    keys = keys_of(read_all(build_loader(config(spec), tokenizer=tokenizer)))
+    assert keys == written.keys
+
+
+def test_train_resume_draws_new_data_deterministically(tmp_path, tokenizer):
+    write_shards(tmp_path, 3, 5)
+    cfg = config(tmp_path, mode="train", num_workers=2, epoch_size=40)
+    first = build_loader(cfg, tokenizer=tokenizer)
+    assert first.num_batches == 10
+    seen = [(b["key"], b["video"]) for b in itertools.islice(first, 3)]
+    state = json.loads(json.dumps(first.state_dict()))  # plain data
+    assert state["batches_in_epoch"] == 3
+
+    def resume():
+        loader = build_loader(cfg, tokenizer=tokenizer)
+        loader.load_state_dict(state)
+        batches = [(b["key"], b["video"]) for b in loader]
+        return loader, batches
+
+    resumed, after = resume()
+    _, again = resume()
+    assert len(after) == 10 - 3  # the pass ends where it would have
+    assert resumed.epoch == 1 and resumed.batches_in_epoch == 0
+    for (keys_a, video_a), (keys_b, video_b) in zip(after, again, strict=True):
+        assert keys_a == keys_b and torch.equal(video_a, video_b)
+    for (keys_a, video_a), (keys_b, video_b) in zip(after[:3], seen, strict=True):
+        assert keys_a != keys_b or not torch.equal(video_a, video_b)
+    # Without the saved state a new loader replays the start: the restore is what moves on.
+    replay = [
+        (b["key"], b["video"]) for b in itertools.islice(build_loader(cfg, tokenizer=tokenizer), 3)
+    ]
+    assert all(
+        ka == kb and torch.equal(va, vb) for (ka, va), (kb, vb) in zip(replay, seen, strict=True)
+    )
+
+
+@pytest.mark.parametrize("num_shards, per_shard", [(4, 5), (1, 17)], ids=["shards", "one-shard"])
+def test_eval_resume_delivers_the_rest_once(tmp_path, tokenizer, num_shards, per_shard):
+    written = write_shards(tmp_path, num_shards, per_shard, corrupt_every=6)
+    cfg = config(tmp_path, batch_size=2, num_workers=2)
+    first = build_loader(cfg, tokenizer=tokenizer)
+    delivered = keys_of(itertools.islice(first, 3))
+    state = first.state_dict()
+    resumed = build_loader(cfg, tokenizer=tokenizer)
+    resumed.load_state_dict(state)
+    rest = keys_of(read_all(resumed))
+    assert len(delivered) + len(rest) == len(written.keys)
+    assert sorted(delivered + rest) == sorted(written.keys)
+    assert resumed.epoch == 1
+    # The next pass starts from the top again.
+    assert sorted(keys_of(read_all(resumed))) == sorted(written.keys)
+    # Positions are per worker: another layout cannot take them.
+    other = build_loader(config(tmp_path, batch_size=2, num_workers=1), tokenizer=tokenizer)
+    with pytest.raises(ValueError):
+        other.load_state_dict(state)
