@@ -68,6 +68,10 @@ class BuildConfig:
     """Partitions the manifest is split into (a job array builds one part per task)."""
 
     def __post_init__(self):
+        # 25 and 25.0 pass the resume check as equal but would be written differently into
+        # the sample JSON ("fps": 25 vs 25.0), so a resumed build could mix the two.
+        for name in ("clip_seconds", "fps"):
+            object.__setattr__(self, name, float(getattr(self, name)))
         if self.clip_seconds <= 0:
             raise ValueError(f"clip_seconds must be > 0, got {self.clip_seconds}")
         if self.clips_per_video < 1:

@@ -87,7 +87,9 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
 
 
 def _read_csv(path: Path) -> tuple[list[dict], list[str]]:
-    with open(path, newline="", encoding="utf-8") as handle:
+    # utf-8-sig: spreadsheet exports start with a byte-order mark, which would otherwise stick
+    # to the first column's name ("\ufeffvideo") and make it look missing.
+    with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         columns = list(reader.fieldnames or [])
         records = []
@@ -103,7 +105,7 @@ def _read_csv(path: Path) -> tuple[list[dict], list[str]]:
 
 def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
     records, columns = [], {}
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8-sig") as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -206,12 +208,20 @@ def _read_directory(directory: Path) -> list[ManifestRow]:
     )
     if not videos:
         raise ManifestError(f"{directory}: no video files ({', '.join(sorted(VIDEO_SUFFIXES))})")
-    rows = []
+    rows, seen_keys = [], {}
     for index, video in enumerate(videos):
         sidecar = video.with_suffix(".txt")
         caption = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else ""
         relative = video.relative_to(directory).with_suffix("").as_posix()
         key = _KEY_PATTERN.sub("_", relative)
+        # Keys become item ids: "a.mp4" and "a.webm", or "a b.mp4" and "a_b.mp4", would be
+        # one item (and share one sidecar caption), so they are refused like a manifest's.
+        if key in seen_keys:
+            raise ManifestError(
+                f"{directory}: {video.relative_to(directory)} and {seen_keys[key]} both "
+                f"give the key {key!r}; rename one"
+            )
+        seen_keys[key] = video.relative_to(directory)
         rows.append(
             ManifestRow(
                 row=index, key=key, video=str(video.resolve()), caption=caption, item_id=key
