@@ -76,9 +76,10 @@ import torch
 import torch.nn.functional as F
 import webdataset as wds
 from braceexpand import braceexpand
+from torch.utils.data import default_collate
 
 from data_shards.text import load_tokenizer
-from data_shards.video import VideoError, decode_clip
+from data_shards.video import VideoError, crop_resize_planar, decode_clip, upright_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -216,19 +217,17 @@ def _resize(clip: torch.Tensor, size: int) -> torch.Tensor:
     )
 
 
-def random_resized_crop(
-    clip: torch.Tensor,
-    size: int,
+def random_crop_box(
+    height: int,
+    width: int,
     scale: tuple[float, float],
     ratio: tuple[float, float],
     rng: random.Random,
-) -> torch.Tensor:
-    """(T, C, H, W) → (T, C, size, size): one random box for all frames, cut before resizing.
+) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a random box, drawn as torchvision's RandomResizedCrop does.
 
-    The box is drawn as torchvision's RandomResizedCrop does, falling back to the largest
-    centred box of an allowed aspect ratio after ten misses.
+    Falls back to the largest centred box of an allowed aspect ratio after ten misses.
     """
-    height, width = clip.shape[-2:]
     area = height * width
     log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
     for _ in range(10):
@@ -237,29 +236,73 @@ def random_resized_crop(
         crop_w = round(math.sqrt(target_area * aspect))
         crop_h = round(math.sqrt(target_area / aspect))
         if 0 < crop_w <= width and 0 < crop_h <= height:
-            top = rng.randint(0, height - crop_h)
-            left = rng.randint(0, width - crop_w)
-            break
+            return rng.randint(0, height - crop_h), rng.randint(0, width - crop_w), crop_h, crop_w
+    aspect = min(max(width / height, ratio[0]), ratio[1])
+    crop_w, crop_h = width, height
+    if width / height > aspect:
+        crop_w = round(height * aspect)
     else:
-        aspect = min(max(width / height, ratio[0]), ratio[1])
-        crop_w, crop_h = width, height
-        if width / height > aspect:
-            crop_w = round(height * aspect)
-        else:
-            crop_h = round(width / aspect)
-        top, left = (height - crop_h) // 2, (width - crop_w) // 2
-    return _resize(clip[:, :, top : top + crop_h, left : left + crop_w], size)
+        crop_h = round(width / aspect)
+    return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
+
+
+def center_crop_box(height: int, width: int) -> tuple[int, int, int, int]:
+    """The centred square: resizing it is the same picture as resize-short-side-then-crop."""
+    side = min(height, width)
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
+def random_resized_crop(
+    clip: torch.Tensor,
+    size: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    rng: random.Random,
+) -> torch.Tensor:
+    """(T, C, H, W) → (T, C, size, size): one random box for all frames, cut before resizing."""
+    top, left, height, width = random_crop_box(*clip.shape[-2:], scale, ratio, rng)
+    return _resize(clip[:, :, top : top + height, left : left + width], size)
 
 
 def center_crop(clip: torch.Tensor, size: int) -> torch.Tensor:
-    """(T, C, H, W) → (T, C, size, size): the short side resized to ``size``, centre kept.
+    """(T, C, H, W) → (T, C, size, size): the short side resized to ``size``, centre kept."""
+    top, left, height, width = center_crop_box(*clip.shape[-2:])
+    return _resize(clip[:, :, top : top + height, left : left + width], size)
 
-    Cuts the centred square first and resizes once, the same picture as resize-then-crop.
+
+class _ClipCropper:
+    """Frame → (C, size, size) uint8 for one clip: one box and one flip for all of its frames.
+
+    The box is drawn at the first frame, when the frame size is known. Frames go straight from
+    the decoder through one swscale call (resize + planar RGB); frames with a display rotation
+    (rare: the shard builder writes upright clips) take the slower upright-RGB path.
     """
-    height, width = clip.shape[-2:]
-    side = min(height, width)
-    top, left = (height - side) // 2, (width - side) // 2
-    return _resize(clip[:, :, top : top + side, left : left + side], size)
+
+    def __init__(self, config: ReaderConfig, rng: random.Random | None):
+        self.config, self.rng = config, rng
+        self.box: tuple[int, int, int, int] | None = None
+        self.flip = False
+
+    def _draw(self, height: int, width: int):
+        if self.rng is None:
+            self.box = center_crop_box(height, width)
+            return
+        config = self.config
+        self.box = random_crop_box(height, width, config.crop_scale, config.crop_ratio, self.rng)
+        self.flip = self.rng.random() < config.flip_prob
+
+    def __call__(self, frame) -> np.ndarray:
+        if frame.rotation:
+            rgb = upright_rgb(frame)  # (H, W, 3)
+            if self.box is None:
+                self._draw(*rgb.shape[:2])
+            top, left, height, width = self.box
+            crop = torch.from_numpy(rgb).permute(2, 0, 1)[None, :, top : top + height]
+            out = _resize(crop[..., left : left + width], self.config.size)[0]
+            return (out.flip(-1) if self.flip else out).numpy()
+        if self.box is None:
+            self._draw(frame.height, frame.width)
+        return crop_resize_planar(frame, self.box, self.config.size, self.flip)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,19 +452,11 @@ class _ClipDecoder:
             )
         else:
             select = functools.partial(uniform_frame_indices, num_frames=config.num_frames)
-        frames = decode_clip(sample["mp4"], select=select)  # (T, H, W, 3)
-        clip = torch.from_numpy(frames).permute(0, 3, 1, 2)  # (T, 3, H, W)
-        if self.train:
-            clip = random_resized_crop(
-                clip, config.size, config.crop_scale, config.crop_ratio, self.rng
-            )
-            if self.rng.random() < config.flip_prob:
-                clip = clip.flip(-1)
-        else:
-            clip = center_crop(clip, config.size)
+        cropper = _ClipCropper(config, self.rng if self.train else None)
+        clip = torch.from_numpy(decode_clip(sample["mp4"], select=select, convert=cropper))
         item_id = meta.get("item_id")
         return {
-            "video": clip.contiguous(),
+            "video": clip,  # (T, C, H, W)
             "text": text,
             "key": sample["__key__"],
             "item_id": None if item_id is None else str(item_id),
@@ -446,7 +481,9 @@ class _Collate:
         )
         positions = [sample["__position__"] for sample in samples]
         return {
-            "video": torch.stack([sample["video"] for sample in samples]),  # (B, T, C, H, W)
+            # default_collate stacks into shared memory inside a worker: no extra copy to hand
+            # the batch to the main process.
+            "video": default_collate([sample["video"] for sample in samples]),  # (B, T, C, H, W)
             "input_ids": tokens["input_ids"].long(),  # (B, L)
             "attention_mask": tokens["attention_mask"].long(),  # (B, L)
             "text": texts,

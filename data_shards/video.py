@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
@@ -16,6 +17,17 @@ from typing import BinaryIO
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
+
+# One scaler per process: ``frame.reformat`` builds a new swscale context for every frame, a
+# kept reformatter reuses it while the sizes stay the same (all frames of a clip). Keyed by
+# process id because a context made before a fork (DataLoader workers) can hang in the child:
+# its swscale threads are not copied.
+_REFORMATTERS: dict[int, VideoReformatter] = {}
+
+
+def _reformatter() -> VideoReformatter:
+    return _REFORMATTERS.setdefault(os.getpid(), VideoReformatter())
 
 
 class VideoError(RuntimeError):
@@ -369,18 +381,20 @@ def decode_clip(
     max_frames: int | None = None,
     threads: int = 1,
     select: Callable[[int], np.ndarray] | None = None,
+    convert: Callable[[av.VideoFrame], np.ndarray] | None = None,
 ) -> np.ndarray:
     """Decode an encoded clip to ``(T, H, W, 3)`` uint8, upright.
 
     ``max_frames`` stops decoding early when the caller only needs a prefix. ``select`` maps the
     clip's frame count to the frame indices wanted (sorted, repeats allowed): every frame is
     still decoded (inter prediction needs them) but only the selected ones are converted to RGB,
-    which is most of the per-frame cost for small clips.
+    which is most of the per-frame cost for small clips. ``convert`` replaces the RGB
+    conversion (e.g. ``crop_resize_planar``); the caller then owns the display rotation.
     """
+    to_array = convert or upright_rgb
     frames: list[np.ndarray] = []
     rgb_by_index: dict[int, np.ndarray] = {}
     wanted: np.ndarray | None = None
-    rotation = 0
     try:
         with av.open(io.BytesIO(data), mode="r") as container:
             stream = container.streams.video[0]
@@ -392,11 +406,10 @@ def decode_clip(
             wanted_set = set(wanted.tolist()) if wanted is not None else None
             index = -1
             for index, frame in enumerate(container.decode(stream)):
-                rotation = _normalize_rotation(frame.rotation)
                 if wanted_set is None:
-                    frames.append(frame.to_ndarray(format="rgb24"))
+                    frames.append(to_array(frame))
                 elif index in wanted_set:
-                    rgb_by_index[index] = frame.to_ndarray(format="rgb24")
+                    rgb_by_index[index] = to_array(frame)
                 if max_frames is not None and index + 1 >= max_frames:
                     break
     except (av.error.FFmpegError, IndexError) as err:
@@ -406,14 +419,46 @@ def decode_clip(
             # Fewer frames than the header promised (a damaged clip): select from what decoded.
             if index < 0:
                 raise VideoError("clip has no frames")
-            every_frame = decode_clip(data, threads=threads)
+            every_frame = decode_clip(data, threads=threads, convert=convert)
             return every_frame[np.asarray(select(len(every_frame)))]
         frames = [rgb_by_index[i] for i in wanted.tolist()]
     elif select is not None and frames:
         frames = [frames[i] for i in np.asarray(select(len(frames))).tolist()]
     if not frames:
         raise VideoError("clip has no frames")
-    clip = np.stack(frames)
-    if rotation:
-        clip = np.ascontiguousarray(np.rot90(clip, k=rotation // 90, axes=(1, 2)))
-    return clip
+    return np.stack(frames)
+
+
+def upright_rgb(frame: av.VideoFrame) -> np.ndarray:
+    """(H, W, 3) uint8 RGB with the display rotation applied."""
+    rgb = frame.to_ndarray(format="rgb24")
+    rotation = _normalize_rotation(frame.rotation)
+    return np.ascontiguousarray(np.rot90(rgb, k=rotation // 90)) if rotation else rgb
+
+
+def crop_resize_planar(
+    frame: av.VideoFrame, box: tuple[int, int, int, int], size: int, flip: bool = False
+) -> np.ndarray:
+    """(3, size, size) uint8 RGB: the ``box`` (top, left, height, width) of ``frame``, resized.
+
+    The resize and the colour conversion happen in one swscale call, to planar RGB, so no
+    interleaved-to-planar transpose is left to do. The whole frame is scaled so that the box
+    comes out at ``size`` × ``size``, then the box is sliced out. Ignores display rotation.
+    """
+    top, left, box_height, box_width = box
+    scale_x, scale_y = size / box_width, size / box_height
+    full_width = max(size, round(frame.width * scale_x))
+    full_height = max(size, round(frame.height * scale_y))
+    scaled = _reformatter().reformat(
+        frame, width=full_width, height=full_height, format="gbrp", interpolation="BILINEAR"
+    )
+    x0 = min(round(left * scale_x), full_width - size)
+    y0 = min(round(top * scale_y), full_height - size)
+    columns = slice(x0 + size - 1, x0 - 1 if x0 else None, -1) if flip else slice(x0, x0 + size)
+    green, blue, red = (
+        np.frombuffer(plane, np.uint8, count=full_height * plane.line_size).reshape(
+            full_height, plane.line_size
+        )[y0 : y0 + size, columns]
+        for plane in scaled.planes
+    )
+    return np.stack([red, green, blue])
