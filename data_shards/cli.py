@@ -39,6 +39,17 @@ def add_parser(commands) -> None:
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     inspect.set_defaults(run=_run_inspect)
 
+    stream = actions.add_parser("stream", help="stream batches through the reader, report speed")
+    stream.add_argument("shards", help="directory, glob, brace pattern, URL or pipe: spec")
+    stream.add_argument("--batches", type=int, default=10)
+    stream.add_argument("--batch-size", type=int, default=8)
+    stream.add_argument("--frames", type=int, default=16)
+    stream.add_argument("--size", type=int, default=224)
+    stream.add_argument("--workers", type=int, default=2)
+    stream.add_argument("--mode", choices=("train", "eval"), default="train")
+    stream.add_argument("--seed", type=int, default=0)
+    stream.set_defaults(run=_run_stream)
+
     synth = actions.add_parser("synth", help="write the synthetic videos, manifest, interactions")
     synth.add_argument("--out", required=True)
     synth.add_argument("--items", type=int, default=240)
@@ -110,6 +121,44 @@ def _run_inspect(args: argparse.Namespace) -> int:
         return 2
     print(json.dumps(dataclasses.asdict(report), indent=2) if args.json else format_report(report))
     return 1 if report.decode_failed else 0
+
+
+def _run_stream(args: argparse.Namespace) -> int:
+    import time
+
+    from data_shards.reader import ReaderConfig, build_loader
+
+    config = ReaderConfig(
+        shards=args.shards,
+        mode=args.mode,
+        num_frames=args.frames,
+        size=args.size,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        seed=args.seed,
+    )
+    loader = build_loader(config)
+    clips, started, first_batch_at = 0, time.perf_counter(), None
+    for index, batch in enumerate(loader):
+        if first_batch_at is None:
+            first_batch_at = time.perf_counter()
+            video = batch["video"]
+            print(
+                f"batch: video {tuple(video.shape)} {video.dtype}, "
+                f"input_ids {tuple(batch['input_ids'].shape)}, first caption: {batch['text'][0]!r}"
+            )
+        else:
+            clips += len(batch["key"])
+        if index + 1 >= args.batches:
+            break
+    elapsed = time.perf_counter() - (first_batch_at or started)
+    rate = clips / elapsed if clips and elapsed > 0 else 0.0
+    print(
+        f"{index + 1} batches; {rate:.1f} clips/s after the first batch "
+        f"(first after {(first_batch_at or started) - started:.1f} s); "
+        f"skipped samples: {loader.skipped_samples}, shard errors: {loader.shard_errors}"
+    )
+    return 0
 
 
 def _run_synth(args: argparse.Namespace) -> int:
