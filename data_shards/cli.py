@@ -120,7 +120,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
         print(f"vidrec shards inspect: {err}", file=sys.stderr)
         return 2
     print(json.dumps(dataclasses.asdict(report), indent=2) if args.json else format_report(report))
-    return 1 if report.decode_failed else 0
+    return 1 if report.decode_failed or report.bad_metadata else 0
 
 
 def _run_stream(args: argparse.Namespace) -> int:

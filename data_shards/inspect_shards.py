@@ -33,6 +33,8 @@ class ShardReport:
     resolutions: dict[str, int] = field(default_factory=dict)
     fps: dict[str, int] = field(default_factory=dict)
     empty_captions: int = 0
+    bad_metadata: int = 0
+    """Samples whose json does not parse."""
     mean_caption_words: float = 0.0
     decode_checked: int = 0
     decode_failed: int = 0
@@ -92,7 +94,12 @@ def inspect_shards(
         caption = sample.get("txt", b"").decode("utf-8", errors="replace")
         caption_words.append(len(caption.split()))
         report.empty_captions += not caption.strip()
-        metadata = json.loads(sample["json"]) if "json" in sample else {}
+        try:
+            metadata = json.loads(sample["json"]) if "json" in sample else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            report.bad_metadata += 1
+            log.warning("sample %s has unreadable json: %s", sample["__key__"], err)
+            metadata = {}
         if "clip_start" in metadata and "clip_end" in metadata:
             durations.append(metadata["clip_end"] - metadata["clip_start"])
         if "width" in metadata:
@@ -182,7 +189,8 @@ def format_report(report: ShardReport) -> str:
         f"failed inputs: {report.failed_inputs}",
         f"clip seconds: {report.clip_seconds or 'n/a'}",
         f"resolutions: {report.resolutions or 'n/a'}   fps: {report.fps or 'n/a'}",
-        f"captions: {report.empty_captions} empty, {report.mean_caption_words} words on average",
+        f"captions: {report.empty_captions} empty, {report.mean_caption_words} words on average"
+        f"   unreadable json: {report.bad_metadata}",
         f"decode check: {report.decode_checked - report.decode_failed}/{report.decode_checked} "
         f"decoded, {report.decode_seconds_per_clip * 1000:.1f} ms per clip",
     ]
