@@ -18,6 +18,7 @@ rest, so a build killed at any point finishes with the same shards as one that n
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -240,9 +241,23 @@ def _chunk_record_path(out_dir: Path, config: BuildConfig, chunk: int) -> Path:
     return out_dir / ".build" / f"chunk-{config.part:04d}-{chunk:06d}.json"
 
 
+def _manifest_digest(manifest: Path) -> str:
+    digest = hashlib.sha256()
+    if manifest.is_dir():
+        for row in read_manifest(manifest):
+            digest.update(f"{row.key}\t{row.caption}\n".encode())
+    else:
+        with open(manifest, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def _check_settings(out_dir: Path, config: BuildConfig, manifest: Path):
     settings_path = out_dir / ".build" / "settings.json"
-    settings = {"manifest": str(manifest.resolve()), **config.settings()}
+    # The manifest is named by its content, not its path: parts built on machines that mount
+    # it elsewhere share one output directory, and an edited manifest is refused.
+    settings = {"manifest_sha256": _manifest_digest(manifest), **config.settings()}
     if settings_path.exists():
         previous = json.loads(settings_path.read_text())
         changed = sorted(
@@ -280,10 +295,11 @@ def build_shards(
     pending: list[int] = []
     for chunk, _ in enumerate(chunks):
         record_path = _chunk_record_path(out_dir, config, chunk)
-        if record_path.exists():
-            records[chunk] = json.loads(record_path.read_text())
+        record = json.loads(record_path.read_text()) if record_path.exists() else None
+        if record and all((out_dir / shard["name"]).is_file() for shard in record["shards"]):
+            records[chunk] = record
         else:
-            pending.append(chunk)
+            pending.append(chunk)  # never built, or a shard of it was deleted since
     skipped = len(chunks) - len(pending)
     if skipped:
         log.info("resuming: %d of %d shards already complete", skipped, len(chunks))

@@ -564,6 +564,32 @@ def test_rerun_reuses_every_shard_and_refuses_other_settings(tmp_path, sources, 
     assert shard_bytes(out) == before
 
 
+def test_rerun_rebuilds_a_deleted_shard(tmp_path, sources):
+    rows = [{"video": str(sources / "h264.mp4"), "caption": f"row {i}"} for i in range(4)]
+    manifest = write_csv(tmp_path / "m.csv", rows)
+    out = tmp_path / "out"
+    build_shards(manifest, out, small_config(samples_per_shard=2))
+    before = shard_bytes(out)
+    deleted = sorted(out.glob("*.tar"))[1]
+    deleted.unlink()
+    again = build_shards(manifest, out, small_config(samples_per_shard=2))
+    assert again.skipped_chunks == 1
+    assert shard_bytes(out) == before
+
+
+def test_manifest_is_known_by_content_not_path(tmp_path, sources):
+    rows = [{"video": str(sources / "h264.mp4"), "caption": f"row {i}"} for i in range(4)]
+    out = tmp_path / "out"
+    for name in "abc":
+        (tmp_path / name).mkdir()
+    # Parts built from copies of one manifest at different paths share an output directory.
+    build_shards(write_csv(tmp_path / "a" / "m.csv", rows), out, small_config(part=0, num_parts=2))
+    build_shards(write_csv(tmp_path / "b" / "m.csv", rows), out, small_config(part=1, num_parts=2))
+    rows[2]["caption"] = "edited"
+    with pytest.raises(ValueError, match="manifest_sha256"):
+        build_shards(write_csv(tmp_path / "c" / "m.csv", rows), out, small_config(num_parts=2))
+
+
 def _build_command(manifest: Path, out: Path) -> list[str]:
     script = Path(sys.executable).with_name("vidrec")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "vidrec_cli"]
