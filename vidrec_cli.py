@@ -9,13 +9,18 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     from data_shards import cli as shards_cli
+    from pretrain import cli as pretrain_cli
 
     parser = argparse.ArgumentParser(
         prog="vidrec", description="Video-text pretraining and video recommendation."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # The deepspeed launcher passes --local_rank=N before the subcommand; LOCAL_RANK in the
+    # environment says the same, and that is what the training stages read.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
     shards_cli.add_parser(commands)
+    pretrain_cli.add_parser(commands)
     return parser
 
 

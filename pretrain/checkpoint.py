@@ -1,0 +1,142 @@
+"""Checkpoints through DeepSpeed, plus what DeepSpeed does not hold: per-rank reader position
+and RNG states, the resolved config, the MLflow run id.
+
+Layout of ``<output_dir>/checkpoints``::
+
+    latest                      the newest COMPLETE tag; written last, atomically
+    step_00000200/              one DeepSpeed tag: model/optimizer/scheduler shards per rank
+        trainer_state_rank0.json  step, reader position, RNG states of rank 0 (JSON, no pickle)
+        config.json             the resolved run config, for the compatibility check
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from data_shards.atomic import atomic_write_text
+from pretrain.distributed import World, barrier
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+# Config fields whose change makes an existing checkpoint unusable (shapes or sharding differ).
+INCOMPATIBLE_FIELDS = ("model", "parallel.zero_stage", "parallel.precision")
+
+
+def checkpoint_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def latest_tag(directory: Path) -> str | None:
+    pointer = directory / LATEST
+    if not pointer.is_file():
+        return None
+    tag = pointer.read_text().strip()
+    return tag if (directory / tag).is_dir() else None
+
+
+def rng_state(generator: torch.Generator) -> dict[str, Any]:
+    numpy_state = np.random.get_state()
+    return {
+        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+        "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+        "torch": torch.get_rng_state().tolist(),
+        "objectives": generator.get_state().tolist(),
+    }
+
+
+def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    generator.set_state(torch.tensor(state["objectives"], dtype=torch.uint8))
+
+
+def _get(tree: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part, {}) if isinstance(tree, dict) else {}
+    return tree
+
+
+def check_compatible(saved: dict[str, Any], current: dict[str, Any], world: World) -> None:
+    """Refuse to resume when the checkpoint cannot hold the current run's state."""
+    problems = [
+        f"{name}: checkpoint has {_get(saved['config'], name)!r}, "
+        f"this run has {_get(current, name)!r}"
+        for name in INCOMPATIBLE_FIELDS
+        if _get(saved["config"], name) != _get(current, name)
+    ]
+    zero_stage = _get(current, "parallel.zero_stage")
+    if zero_stage and saved["world_size"] != world.world_size:
+        problems.append(
+            f"world size: checkpoint was saved by {saved['world_size']} ranks, this run has "
+            f"{world.world_size} (ZeRO {zero_stage} shards optimizer state per rank)"
+        )
+    if problems:
+        raise RuntimeError(
+            "the output directory holds checkpoints of an incompatible run:\n  "
+            + "\n  ".join(problems)
+            + "\nuse another train.output_dir, or restore the settings above"
+        )
+
+
+def save(
+    engine,
+    output_dir: str | Path,
+    step: int,
+    world: World,
+    trainer_state: dict[str, Any],
+    resolved_config: dict[str, Any],
+    keep_last: int,
+) -> str:
+    """Save a complete checkpoint, then move ``latest`` to it, then prune old ones."""
+    directory = checkpoint_dir(output_dir)
+    tag = f"step_{step:08d}"
+    engine.save_checkpoint(str(directory), tag=tag, save_latest=False)
+    atomic_write_text(
+        directory / tag / f"trainer_state_rank{world.rank}.json", json.dumps(trainer_state)
+    )
+    if world.is_main:
+        saved = {"config": resolved_config, "world_size": world.world_size, "step": step}
+        atomic_write_text(directory / tag / "config.json", json.dumps(saved, indent=2))
+    barrier()  # every rank's files are on disk before the pointer moves
+    if world.is_main:
+        atomic_write_text(directory / LATEST, tag)
+        tags = sorted(p.name for p in directory.glob("step_*") if p.is_dir())
+        for old in tags[: max(0, len(tags) - keep_last)]:
+            if old != tag:
+                shutil.rmtree(directory / old, ignore_errors=True)
+    barrier()
+    log.info("checkpoint %s saved", tag)
+    return tag
+
+
+def load(
+    engine, output_dir: str | Path, world: World, resolved_config: dict[str, Any]
+) -> dict[str, Any] | None:
+    """Resume from the latest complete checkpoint: this rank's trainer state, or None."""
+    directory = checkpoint_dir(output_dir)
+    tag = latest_tag(directory)
+    if tag is None:
+        return None
+    saved = json.loads((directory / tag / "config.json").read_text())
+    check_compatible(saved, resolved_config, world)
+    load_path, _ = engine.load_checkpoint(
+        str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {directory / tag}")
+    state_file = directory / tag / f"trainer_state_rank{world.rank}.json"
+    state = json.loads(state_file.read_text())
+    log.info("resumed from %s (step %d)", tag, state["step"])
+    return state

