@@ -138,5 +138,5 @@ def load(
         raise RuntimeError(f"DeepSpeed could not load checkpoint {directory / tag}")
     state_file = directory / tag / f"trainer_state_rank{world.rank}.json"
     state = json.loads(state_file.read_text())
-    log.info("resumed from %s (step %d)", tag, state["step"])
+    log.info("resumed from %s (step %d)", tag, state["train_state"]["step"])
     return state

@@ -49,7 +49,7 @@ def _run(args: argparse.Namespace) -> int:
 
     summary = run(config)
     evaluation = summary.get("evaluation") or {}
-    if evaluation:
+    if evaluation and summary["rank"] == 0:
         print(
             f"text→video R@1 {evaluation.get('t2v_r1', float('nan')):.1f}  "
             f"R@5 {evaluation.get('t2v_r5', float('nan')):.1f}  "

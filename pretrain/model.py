@@ -272,7 +272,8 @@ class VideoTextModel(PreTrainedModel):
 
         self.video_projection = nn.Linear(video_width, config.embed_dim)
         self.text_projection = nn.Linear(text_width, config.embed_dim)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / config.init_temperature)))
+        # Shape (1,), not a scalar: DeepSpeed's parameter broadcast cannot view 0-d tensors.
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(1 / config.init_temperature)]))
 
         self.video_to_fusion = nn.Linear(video_width, text_width)
         self.fusion_layers = nn.ModuleList(

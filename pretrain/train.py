@@ -311,7 +311,7 @@ class Pretrainer:
         module = self.engine.module
         # Under ZeRO-3 a parameter is a shard outside forward; gather it to read it.
         with deepspeed.zero.GatheredParameters([module.logit_scale]):
-            averaged["logit_scale"] = float(module.logit_scale_value)
+            averaged["logit_scale"] = float(module.logit_scale_value.detach())
         self.history.append({"step": self.state.step, **averaged})
         if world.is_main:
             self.tracker.log_metrics(averaged, step=self.state.step)
@@ -433,6 +433,7 @@ class Pretrainer:
         last = self.history[-1] if self.history else {}
         summary = {
             "steps": self.state.step,
+            "rank": self.world.rank,
             "world_size": self.world.world_size,
             "first_loss": first.get("loss"),
             "last_loss": last.get("loss"),
