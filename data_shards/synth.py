@@ -13,6 +13,8 @@ Files written into ``out_dir``:
 - ``videos/<item_id>.mp4``
 - ``manifest.jsonl``: ``video`` (relative), ``caption``, ``key``, ``item_id``, ``title``,
   ``tags`` (comma-separated), the six attributes and ``cold_start``; input to the shard builder.
+- ``manifest_warm.jsonl`` / ``manifest_cold.jsonl``: the same rows split by ``cold_start``
+  (pretraining shards from the warm items, held-out evaluation shards from the cold ones).
 - ``items.jsonl``: the catalogue (the same rows, attributes nested).
 - ``interactions.csv``: ``user_id,item_id,timestamp,label,weight`` sorted by user, then time.
 - ``users.jsonl``: each user's ground-truth preferences (for tests and analysis only).
@@ -587,12 +589,18 @@ def synthesize(
 
     paths = {
         "manifest": out_dir / "manifest.jsonl",
+        "manifest_warm": out_dir / "manifest_warm.jsonl",
+        "manifest_cold": out_dir / "manifest_cold.jsonl",
         "items": out_dir / "items.jsonl",
         "users": out_dir / "users.jsonl",
         "interactions": out_dir / "interactions.csv",
         "synth_json": out_dir / "synth.json",
     }
     atomic_write_text(paths["manifest"], _jsonl(manifest))
+    # The cold-start items double as held-out videos for pretraining's retrieval evaluation:
+    # pretraining on the warm manifest never sees them.
+    atomic_write_text(paths["manifest_warm"], _jsonl([r for r in manifest if not r["cold_start"]]))
+    atomic_write_text(paths["manifest_cold"], _jsonl([r for r in manifest if r["cold_start"]]))
     atomic_write_text(paths["items"], _jsonl(catalogue))
     atomic_write_text(paths["users"], _jsonl(user_records))
     atomic_write_text(paths["interactions"], interactions)

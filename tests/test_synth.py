@@ -104,6 +104,13 @@ def test_files_exist_and_agree(dataset, manifest):
     assert parsed[3].extra["shape"] == manifest[3]["shape"]
     assert parsed[3].tags == manifest[3]["tags"].split(",")
     assert not list(dataset.rglob("*.tmp")), "temporary files left behind"
+    # The warm/cold manifests split the full one exactly, by the cold_start flag.
+    warm = _read_jsonl(dataset / "manifest_warm.jsonl")
+    cold = _read_jsonl(dataset / "manifest_cold.jsonl")
+    assert warm and cold
+    assert not any(row["cold_start"] for row in warm)
+    assert all(row["cold_start"] for row in cold)
+    assert sorted(warm + cold, key=lambda row: row["key"]) == manifest
 
 
 def test_videos_decode_with_expected_geometry(dataset, manifest, clips):

@@ -1,0 +1,250 @@
+"""Engine benchmark: the vidrec pretraining step against a bare PyTorch loop, and the pay-off of
+tube masking.
+
+    python launch/bench_engine.py [--presets tiny small] [--zero 0 2] [--steps 6] [--rounds 3]
+
+All figures come from one process on one machine (a world of one rank), best of ``--rounds``
+interleaved rounds, every round on the same in-memory batch repeated (no data loading):
+- engine: ``Pretrainer.train_step`` (DeepSpeed engine built from the preset's config, fp32, the
+  ZeRO stage given) fed ``itertools.repeat(batch)``;
+- bare loop: the same model class built from the same config and seed, the same objectives
+  (``PretrainObjectives`` called on the bare model), ``loss.backward()``, the same gradient-norm
+  clip, ``torch.optim.AdamW`` with the same parameter groups, LR schedule, ``zero_grad``;
+- masking pay-off (small preset, engine): contrastive + masked video modelling at mask ratio 0.9
+  against contrastive on the unmasked clip without MVM, MLM off in both; then the full recipe
+  (+ MLM, whose fusion layers also attend to the visible video tokens only) both ways.
+Targets: engine ≥ 0.95 × bare loop; masked step ≥ 3 × faster than unmasked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import multiprocessing
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+
+from data_shards.build import BuildConfig, build_shards
+from data_shards.synth import synthesize
+from pretrain.config import PretrainConfig, load_pretrain_config
+from pretrain.distributed import init_distributed
+from pretrain.flops import forward_flops
+from pretrain.train import Pretrainer, build_model, build_optimizer
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+
+MASKING_CASES = {
+    "contrastive + MVM 0.9": ["objectives.masked_language=0"],
+    "contrastive, unmasked clip": ["objectives.masked_language=0", "objectives.masked_video=0"],
+    "contrastive + MVM 0.9 + MLM": [],
+    "contrastive + MLM, unmasked clip": ["objectives.masked_video=0"],
+}
+"""name → overrides of the preset's objectives (which weigh contrastive, MVM and MLM by 1)."""
+
+
+def make_shards(workdir: Path) -> Path:
+    """A 4-clip shard set: ``Pretrainer`` resolves ``data.train_shards`` when it is built, but
+    the benchmarks feed their own batches, so the reader is never iterated."""
+    shards = workdir / "shards"
+    if not any(shards.glob("*.tar")):
+        synthesize(
+            workdir / "synth", num_items=4, num_users=2, seconds=1.0, fps=8, size=32, progress=False
+        )
+        manifest = workdir / "manifest.jsonl"
+        rows = [json.loads(line) for line in (workdir / "synth" / "manifest.jsonl").open()]
+        for row in rows:
+            row["video"] = str((workdir / "synth" / row["video"]).resolve())
+        manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        build_shards(
+            manifest,
+            shards,
+            BuildConfig(clip_seconds=1.0, short_side=32, workers=1),
+            progress=False,
+        )
+    return shards
+
+
+def preset_config(preset: str, workdir: Path, overrides: list[str] = ()) -> PretrainConfig:
+    """The shipped preset, fp32 (the CPU precision), reading nothing, writing under workdir."""
+    return load_pretrain_config(
+        CONFIGS / f"{preset}.yaml",
+        [
+            f"data.train_shards={make_shards(workdir)}",
+            "data.workers=0",
+            "parallel.precision=fp32",
+            f"train.output_dir={workdir / 'out'}",
+            *overrides,
+        ],
+    )
+
+
+def synthetic_batch(config: PretrainConfig, tokenizer, batch_size: int, seed: int = 0):
+    """A reader-style batch: random uint8 clips of the preset's size, captions padded to
+    ``data.max_text_length`` as the reader pads them."""
+    model_config = config.model.build_config().video_config
+    generator = torch.Generator().manual_seed(seed)
+    size, frames = model_config.image_size, model_config.num_frames
+    video = torch.randint(0, 256, (batch_size, frames, 3, size, size), generator=generator)
+    captions = [
+        f"a red square moves left to right over a blue field, clip {i}" for i in range(batch_size)
+    ]
+    tokens = tokenizer(
+        captions,
+        padding="max_length",
+        truncation=True,
+        max_length=config.data.max_text_length,
+        return_tensors="pt",
+    )
+    return {
+        "video": video.to(torch.uint8),  # (B, T, C, H, W)
+        "input_ids": tokens["input_ids"],  # (B, L)
+        "attention_mask": tokens["attention_mask"],  # (B, L)
+        "key": [f"clip{i}" for i in range(batch_size)],
+    }
+
+
+class BareLoop:
+    """The step a PyTorch user would write by hand for the same model and objectives."""
+
+    def __init__(self, config: PretrainConfig, trainer: Pretrainer):
+        torch.manual_seed(config.train.seed)  # the weights the Pretrainer started from
+        self.model = build_model(config).train()
+        self.optimizer, self.scheduler = build_optimizer(self.model, config)
+        self.objectives = trainer.objectives  # same weights, mask ratio, ClipLoss (world of 1)
+        self.generator = torch.Generator().manual_seed(config.train.seed)
+        self.grad_clip = config.optimizer.grad_clip
+
+    def train_step(self, batches) -> None:
+        batch = next(batches)
+        losses = self.objectives(self.model, batch, self.generator)
+        losses["loss"].backward()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def steps_per_second(step, batch: dict[str, Any], steps: int, warmup: int = 2) -> float:
+    batches = itertools.repeat(batch)
+    for _ in range(warmup):  # first-touch allocations, DeepSpeed's lazy buffers, Adam state
+        step(batches)
+    started = time.perf_counter()
+    for _ in range(steps):
+        step(batches)
+    return steps / (time.perf_counter() - started)
+
+
+def engine_overhead(preset: str, stages: list[int], args, workdir: Path) -> None:
+    trainers = {}
+    for stage in stages:
+        config = preset_config(preset, workdir, [f"parallel.zero_stage={stage}"])
+        trainers[stage] = Pretrainer(config)
+        trainers[stage].engine.train()
+    bare = BareLoop(config, trainers[stages[0]])
+    batch_size = config.parallel.micro_batch_size
+    batch = synthetic_batch(config, trainers[stages[0]].tokenizer, batch_size)
+    params = sum(p.numel() for p in bare.model.parameters())
+    print(
+        f"\n== engine overhead: {preset} preset, {params / 1e6:.1f}M parameters, "
+        f"micro-batch {batch_size}, fp32, world of 1 =="
+    )
+    rounds = []
+    for _ in range(args.rounds):
+        figures = {"bare": steps_per_second(bare.train_step, batch, args.steps)}
+        for stage, trainer in trainers.items():
+            figures[stage] = steps_per_second(trainer.train_step, batch, args.steps)
+        rounds.append(figures)
+    best = {key: max(r[key] for r in rounds) for key in rounds[0]}
+    print(
+        f"bare PyTorch loop:      {best['bare']:7.3f} steps/s  ({1000 / best['bare']:7.1f} ms/step)"
+    )
+    for stage in stages:
+        extra = 1000 / best[stage] - 1000 / best["bare"]
+        print(
+            f"engine, ZeRO {stage}:         {best[stage]:7.3f} steps/s  "
+            f"({1000 / best[stage]:7.1f} ms/step, {extra:+.1f} ms)  "
+            f"ratio {best[stage] / best['bare']:.3f}   (target ≥ 0.95)"
+        )
+    per_round = "; ".join(", ".join(f"{k}: {v:.3f}" for k, v in r.items()) for r in rounds)
+    print(f"rounds (steps/s):       {per_round}")
+    for trainer in trainers.values():
+        trainer.engine.destroy()
+
+
+def masking_payoff(args, workdir: Path) -> None:
+    trainers, flops = {}, {}
+    for name, overrides in MASKING_CASES.items():
+        config = preset_config(
+            "small", workdir, [f"parallel.zero_stage={args.zero[-1]}", *overrides]
+        )
+        trainers[name] = trainer = Pretrainer(config)
+        trainer.engine.train()
+        objectives = config.objectives
+        tokens = config.data.max_text_length  # the synthetic captions are padded, all real
+        flops[name] = 3 * sum(
+            forward_flops(
+                trainer.model_config,
+                config.data.max_text_length,
+                mask_ratio=objectives.mask_ratio if objectives.masked_video > 0 else None,
+                mlm_targets=(
+                    objectives.mlm_probability * tokens if objectives.masked_language > 0 else None
+                ),
+            ).values()
+        )
+    batch_size = config.parallel.micro_batch_size
+    tokenizer = next(iter(trainers.values())).tokenizer
+    batch = synthetic_batch(config, tokenizer, batch_size)
+    print(
+        f"\n== masking pay-off: small preset, micro-batch {batch_size}, fp32, engine with "
+        f"ZeRO {args.zero[-1]}, one optimizer step =="
+    )
+    rounds = [
+        {name: steps_per_second(t.train_step, batch, args.steps) for name, t in trainers.items()}
+        for _ in range(args.rounds)
+    ]
+    best = {name: max(r[name] for r in rounds) for name in trainers}
+    for name in trainers:
+        print(
+            f"{name:34s} {1000 / best[name]:7.1f} ms/step   "
+            f"{flops[name] / 1e9:6.2f} GFLOP/sample (fwd+bwd)"
+        )
+    names = list(trainers)
+    for masked, unmasked in (names[0:2], names[2:4]):
+        measured = best[masked] / best[unmasked]
+        predicted = flops[unmasked] / flops[masked]
+        print(f"speed-up, {masked}: {measured:5.2f}×  (FLOP ratio {predicted:.2f}×; target ≥ 3)")
+    for trainer in trainers.values():
+        trainer.engine.destroy()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
+    parser.add_argument("--zero", nargs="+", type=int, default=[0, 2], help="ZeRO stages")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; the best is reported")
+    parser.add_argument("--skip-masking", action="store_true")
+    parser.add_argument("--workdir", default=None, help="default: a temporary directory")
+    args = parser.parse_args()
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="vidrec-bench-engine-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(
+        f"machine: {multiprocessing.cpu_count()} cores, {torch.get_num_threads()} torch "
+        f"threads, torch {torch.__version__}, deepspeed {deepspeed.__version__}"
+    )
+    init_distributed()  # a world of one rank, as a plain `vidrec pretrain` runs
+    for preset in args.presets:
+        engine_overhead(preset, args.zero, args, workdir)
+    if not args.skip_masking:
+        masking_payoff(args, workdir)
+
+
+if __name__ == "__main__":
+    main()
