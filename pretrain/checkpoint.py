@@ -68,13 +68,24 @@ def _get(tree: dict[str, Any], dotted: str) -> Any:
     return tree
 
 
+def _differences(saved: Any, current: Any, path: str) -> list[tuple[str, Any, Any]]:
+    """(dotted path, saved value, current value) of every leaf where two config trees differ,
+    so that a refusal names ``model.embed_dim`` rather than printing two whole sections."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [
+            difference
+            for key in sorted(saved.keys() | current.keys(), key=str)
+            for difference in _differences(saved.get(key), current.get(key), f"{path}.{key}")
+        ]
+    return [] if saved == current else [(path, saved, current)]
+
+
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], world: World) -> None:
     """Refuse to resume when the checkpoint cannot hold the current run's state."""
     problems = [
-        f"{name}: checkpoint has {_get(saved['config'], name)!r}, "
-        f"this run has {_get(current, name)!r}"
+        f"{path}: checkpoint has {old!r}, this run has {new!r}"
         for name in INCOMPATIBLE_FIELDS
-        if _get(saved["config"], name) != _get(current, name)
+        for path, old, new in _differences(_get(saved["config"], name), _get(current, name), name)
     ]
     zero_stage = _get(current, "parallel.zero_stage")
     if zero_stage and saved["world_size"] != world.world_size:

@@ -251,14 +251,21 @@ class Pretrainer:
 
     # ----------------------------------------------------------------------------- steps
 
-    def train_step(self, batches) -> dict[str, float] | None:
-        """One optimizer step (``grad_accum_steps`` micro-batches). Returns the step's mean
-        losses and timings, or None when the step was not taken (a non-finite loss)."""
+    def train_step(self, batches) -> dict[str, float]:
+        """One optimizer step over ``grad_accum_steps`` micro-batches with finite losses.
+        Returns the step's mean losses and timings.
+
+        A micro-batch whose loss is not finite on some rank is skipped by every rank before
+        backward, counted, and replaced by the next one: the step still averages
+        ``grad_accum_steps`` micro-batches, and DeepSpeed's accumulation boundary (it counts
+        micro-batches) stays on this step's last one. ``train.max_nonfinite_streak`` skips in
+        a row stop the run."""
         engine, world = self.engine, self.world
         started = time.perf_counter()
         data_wait = 0.0
         totals: dict[str, float] = {}
-        for _ in range(self.config.parallel.grad_accum_steps):
+        accumulated = 0
+        while accumulated < self.config.parallel.grad_accum_steps:
             fetch_start = time.perf_counter()
             batch = next(batches)
             data_wait += time.perf_counter() - fetch_start
@@ -275,12 +282,13 @@ class Pretrainer:
                         f"{self.state.nonfinite_streak} non-finite losses in a row at step "
                         f"{self.state.step} (train.max_nonfinite_streak)"
                     )
-                return None
+                continue
+            self.state.nonfinite_streak = 0
             engine.backward(losses["loss"])
             engine.step()
+            accumulated += 1
             for name, value in losses.items():
                 totals[name] = totals.get(name, 0.0) + value.item()
-        self.state.nonfinite_streak = 0
         self.state.step += 1
         elapsed = time.perf_counter() - started
         accum = self.config.parallel.grad_accum_steps
@@ -390,10 +398,9 @@ class Pretrainer:
         last_eval = None
         try:
             batches = self._batches()
+            start_step = self.state.step
             while self.state.step < config.steps:
                 metrics = self.train_step(batches)
-                if metrics is None:
-                    continue
                 step = self.state.step
                 if config.log_every and (step % config.log_every == 0 or step == config.steps):
                     self.log_step(metrics)
@@ -402,7 +409,10 @@ class Pretrainer:
                     self.engine.train()
                 if config.save_every and step % config.save_every == 0 and step < config.steps:
                     self.save()
-            self.save()
+            if self.state.step > start_step:
+                # (a job resumed at its last step has nothing new; rewriting the checkpoint
+                # that `latest` names, in place, could leave it half-written if killed)
+                self.save()
             last_eval = self.evaluate() or last_eval
             status = "FINISHED"
         except KeyboardInterrupt:
