@@ -374,6 +374,12 @@ class Pretrainer:
 
     def save(self) -> None:
         self.state.reader = self.reader.state_dict()
+        # The tracker creates its run in the background: when that outlasted start()'s wait
+        # (a slow store, a server down at start), the id is known only now. Without it here a
+        # resumed job would start a second MLflow run.
+        self.state.tracking_run_id = (
+            broadcast_object(self.tracker.run_id) or self.state.tracking_run_id
+        )
         trainer_state = {
             "train_state": vars(self.state) | {},
             "rng": checkpoint.rng_state(self.generator),

@@ -4,6 +4,8 @@ and that the tiny preset actually learns video-text retrieval on the synthetic d
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,16 +37,25 @@ def world():
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        # DeepSpeed's CPU all-reduce segment, which it never unlinks
+        port = os.environ.get("MASTER_PORT")
+        pattern = f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*"
+        for path in Path("/dev/shm").glob(pattern):
+            path.unlink(missing_ok=True)
         os.environ.clear()
         os.environ.update(saved_environment)
         torch.set_num_threads(threads)
 
 
 def tiny(shards, output_dir, *overrides):
-    return load_pretrain_config(
-        CONFIGS / "tiny.yaml",
-        [f"data.train_shards={shards['train']}", f"train.output_dir={output_dir}", *overrides],
-    )
+    settings = [
+        f"data.train_shards={shards['train']}",
+        f"train.output_dir={output_dir}",
+        # a loaded machine can take over the default 10 s to create the MLflow sqlite schema;
+        # the tests below want the run to exist when they look (one test sets 0 on purpose)
+        "tracking.start_timeout_s=60",
+    ]
+    return load_pretrain_config(CONFIGS / "tiny.yaml", [*settings, *overrides])
 
 
 def mlflow_run(output_dir):
@@ -171,6 +182,37 @@ def test_incompatible_config_is_refused_and_a_compatible_change_resumes(
     again = Pretrainer(tiny(synthetic_shards, output, "train.steps=4"), world).fit()
     assert again["steps"] == 4 and again["history"] == []
     assert {path.name: path.stat().st_mtime_ns for path in final.iterdir()} == written
+
+
+def test_a_run_created_after_start_gave_up_waiting_is_continued(
+    world: World, synthetic_shards, tmp_path
+):
+    """MLflow creates the run in the background; when that takes longer than start() waits
+    (here: no wait at all), the checkpoint must still carry the run id, so that the resumed
+    job continues the run instead of starting a second one."""
+    output = tmp_path / "run"
+    first = Pretrainer(
+        tiny(synthetic_shards, output, "train.steps=2", "tracking.start_timeout_s=0"), world
+    )
+    resume_or_start = first.resume_or_start
+    at_start = {}
+
+    def start_then_wait_for_the_run():
+        resume_or_start()
+        at_start["run_id"] = first.state.tracking_run_id
+        deadline = time.monotonic() + 120
+        while first.tracker.run_id is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    first.resume_or_start = start_then_wait_for_the_run
+    first.fit()
+    assert at_start["run_id"] is None, "the run existed at once: nothing late to catch"
+    run_id = mlflow_run(output).info.run_id
+    assert first.tracker.run_id == run_id
+
+    resumed = Pretrainer(tiny(synthetic_shards, output, "train.steps=3"), world).fit()
+    assert resumed["mlflow_run_id"] == run_id
+    assert mlflow_run(output).info.run_id == run_id  # and still a single run
 
 
 # ------------------------------------------------------------------------------ learning
