@@ -9,7 +9,9 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     from data_shards import cli as shards_cli
+    from finetune import cli as finetune_cli
     from pretrain import cli as pretrain_cli
+    from pretrain import export_cli
 
     parser = argparse.ArgumentParser(
         prog="vidrec", description="Video-text pretraining and video recommendation."
@@ -21,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     shards_cli.add_parser(commands)
     pretrain_cli.add_parser(commands)
+    export_cli.add_parser(commands)
+    finetune_cli.add_parser(commands)
     return parser
 
 

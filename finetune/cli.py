@@ -1,0 +1,52 @@
+"""``vidrec finetune``: load and check the config, then finetune (or only print with --check)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_parser(commands) -> None:
+    finetune = commands.add_parser(
+        "finetune",
+        help="finetune a recommender on pretrained encoders (deepspeed, torchrun, srun or alone)",
+    )
+    finetune.add_argument(
+        "--config", required=True, help="YAML, e.g. launch/configs/finetune_small.yaml"
+    )
+    finetune.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config field, e.g. --set encoder.mode=top_k (repeatable)",
+    )  # fmt: skip
+    finetune.add_argument(
+        "--check", action="store_true",
+        help="validate, print the resolved config and DeepSpeed JSON, start nothing",
+    )  # fmt: skip
+    finetune.add_argument("--world-size", type=int, default=1, help="world size assumed by --check")
+    finetune.set_defaults(run=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from finetune.config import ConfigError, deepspeed_config, load_finetune_config
+    from pretrain.config import to_dict
+
+    try:
+        config = load_finetune_config(args.config, args.overrides)
+        ds_config = deepspeed_config(config, args.world_size)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"vidrec finetune: {err}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(json.dumps({"config": to_dict(config), "deepspeed": ds_config}, indent=2))
+        return 0
+    from finetune import report
+    from finetune.train import run
+
+    results = run(config)
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"test split, step {results['step']} ({results['encoder_mode']} encoders):")
+        print(report.table(results["metrics"]["test"]))
+    return 0
