@@ -10,6 +10,7 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     from data_shards import cli as shards_cli
     from finetune import cli as finetune_cli
+    from finetune import recommend
     from pretrain import cli as pretrain_cli
     from pretrain import export_cli
 
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain_cli.add_parser(commands)
     export_cli.add_parser(commands)
     finetune_cli.add_parser(commands)
+    recommend.add_parser(commands)
     return parser
 
 

@@ -225,8 +225,14 @@ def worker(args) -> None:
 
 
 def run_stage(args, stage: int, sized: bool, workdir: Path) -> list[dict]:
+    name = f"stage{stage}{'_sized' if sized else ''}"
+    results = [workdir / f"{name}_rank{rank}.json" for rank in range(2)]
+    if args.reuse and all(path.is_file() for path in results):
+        return [json.loads(path.read_text()) for path in results]
+    for path in results:
+        path.unlink(missing_ok=True)
     command = [
-        "deepspeed",
+        str(Path(sys.executable).with_name("deepspeed")),
         "--num_gpus",
         "2",
         "--master_port",
@@ -245,8 +251,7 @@ def run_stage(args, stage: int, sized: bool, workdir: Path) -> list[dict]:
     if result.returncode:
         sys.stderr.write(result.stdout[-4000:] + result.stderr[-4000:])
         raise SystemExit(f"ZeRO {stage}: the 2-rank launch failed ({result.returncode})")
-    name = f"stage{stage}{'_sized' if sized else ''}"
-    return [json.loads((workdir / f"{name}_rank{r}.json").read_text()) for r in range(2)]
+    return [json.loads(path.read_text()) for path in results]
 
 
 def main() -> None:
@@ -263,6 +268,9 @@ def main() -> None:
         help="stages measured again with model-sized ZeRO buffers (diagnostic; none: skip)",
     )
     parser.add_argument("--workdir", default=None, help="default: a temporary directory")
+    parser.add_argument(
+        "--reuse", action="store_true", help="take stages already measured in --workdir as they are"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--stage", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--model-sized-buckets", action="store_true", help=argparse.SUPPRESS)

@@ -13,7 +13,8 @@ def add_parser(commands) -> None:
     )
     export.add_argument(
         "--checkpoint", required=True,
-        help="training output dir, its checkpoints/ dir, or one step_XXXXXXXX tag dir",
+        help="training output dir, its checkpoints/ dir, or one step_XXXXXXXX tag dir "
+        "(pretrain or finetune: a finetune run exports as a recommender)",
     )  # fmt: skip
     export.add_argument("--out", required=True, help="new (or empty) directory to write")
     export.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
@@ -49,10 +50,14 @@ def add_parser(commands) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    from finetune.export import export_finetune, is_finetune_checkpoint
     from pretrain.export import ExportError, export_checkpoint
 
+    # A finetune run's checkpoint says so in its config.json: it exports as a recommender.
+    finetune = is_finetune_checkpoint(args.checkpoint, args.tag)
+    write = export_finetune if finetune else export_checkpoint
     try:
-        out = export_checkpoint(
+        out = write(
             args.checkpoint,
             args.out,
             dtype=args.dtype,

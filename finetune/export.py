@@ -1,0 +1,682 @@
+"""Hand-off of a finetuned recommender: finetune output dir → self-contained export, and back.
+
+``export_finetune`` reads a checkpoint of ``finetune.train`` (any ZeRO stage, any number of
+ranks; merged by ``pretrain.export.consolidate_checkpoint`` in one plain process, no DeepSpeed)
+and writes the pretrain export layout (``pretrain/export.py``) with the *finetuned* encoders,
+so ``load_export`` and stock ``AutoModel`` keep working on it, plus::
+
+    <out>/
+      components/item_tower.safetensors       the item tower's own layers (modality mix,
+                                              projection, ID table of the hybrid model)
+      components/user_tower.safetensors       SASRec user tower
+      components/ranking_head.safetensors     logit scale (and the MLP of an "mlp" head)
+      components/item_embeddings.safetensors  (N + 1, D) embedding of every catalogue item
+                                              (row 0 padding), plus warm / cold flags (N + 1,)
+      catalogue.json                          item ids in table-row order (row i = ids[i - 1])
+      finetune.json                           resolved finetune config, provenance, metrics.json
+
+Each component's ``config`` in ``export_info.json`` holds the constructor arguments of its
+module, so loading needs neither the finetune config nor the training data. The item table is
+computed once at export time from the cached content (frozen encoders) or the run's clip store
+(encoders that trained), exactly as the trainer's ``item_table`` does; a serving process then
+scores users against it with one matmul and embeds only genuinely new items.
+
+``load_recommender`` reads it back (or builds the same object straight from a finetune output
+dir with ``build_recommender``) after checks whose errors name the component, file or tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from data_shards.atomic import atomic_write_text
+from finetune.model import PAD_ID, ItemTower, RankingHead, Recommender, UserTower
+from pretrain.export import (
+    CARD_FILE,
+    DEFAULT_MAX_SHARD_SIZE,
+    ExportComponent,
+    ExportError,
+    ModelCard,
+    VideoPreprocessing,
+    consolidate_checkpoint,
+    export_model,
+    load_export,
+    read_info,
+    resolve_tag_dir,
+)
+
+log = logging.getLogger(__name__)
+
+FINETUNE_FORMAT = 1
+FINETUNE_FILE = "finetune.json"
+CATALOGUE_FILE = "catalogue.json"
+ITEM_TOWER, USER_TOWER, HEAD, ITEMS = "item_tower", "user_tower", "ranking_head", "item_embeddings"
+COMPONENTS = (ITEM_TOWER, USER_TOWER, HEAD, ITEMS)
+"""Every component a recommender export must hold."""
+ENCODER_PREFIX = "item_tower.encoder."
+CARD_METRICS = ("hr@10", "ndcg@10", "mrr")
+"""metrics.json figures copied to the model card (all of them stay in finetune.json)."""
+
+
+# ============================================================================= the loaded object
+
+
+@dataclass
+class ExportedRecommender:
+    """A finetuned recommender ready for inference: modules in eval mode, no process group.
+
+    Items are addressed by table row (1..N; 0 is padding), as in training; ``item_index``
+    maps catalogue ids to rows. Shapes: U users, L history window, N catalogue items,
+    D embedding size.
+    """
+
+    model: Recommender
+    """Item tower (finetuned encoders inside), user tower and head."""
+    item_embeddings: torch.Tensor
+    """(N + 1, D) every catalogue item, row ``PAD_ID`` zero."""
+    item_ids: list[str]
+    """Row i (1-based) is ``item_ids[i - 1]``."""
+    cold: torch.Tensor
+    """(N + 1,) bool: cold-start items (never seen in training, served from content)."""
+    warm: torch.Tensor
+    """(N + 1,) bool: items with training interactions (the hybrid tower's ID rows apply)."""
+    tokenizer: Any
+    preprocessing: VideoPreprocessing
+    finetune: dict[str, Any]
+    """``finetune.json``: resolved config, provenance, metrics."""
+    directory: Path
+    item_index: dict[str, int] = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.item_index = {item_id: row for row, item_id in enumerate(self.item_ids, start=1)}
+
+    @property
+    def device(self) -> torch.device:
+        return self.item_embeddings.device
+
+    @property
+    def max_history_length(self) -> int:
+        """L: the most recent items a user state sees (as in training)."""
+        return self.model.user_tower.position_embeddings.num_embeddings
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids)
+
+    def rows(self, item_ids: Sequence[str]) -> list[int]:
+        """Catalogue ids → table rows; a ``KeyError`` naming every unknown id."""
+        unknown = [item_id for item_id in item_ids if item_id not in self.item_index]
+        if unknown:
+            raise KeyError(f"unknown item id(s), not in the catalogue: {', '.join(unknown[:20])}")
+        return [self.item_index[item_id] for item_id in item_ids]
+
+    @torch.no_grad()
+    def user_states(
+        self,
+        histories: Sequence[Sequence[int]],
+        timestamps: Sequence[Sequence[float] | None] | None = None,
+    ) -> torch.Tensor:
+        """(U, D) state after each history (item rows, oldest first), windowed to the last L
+        items exactly as training and evaluation window them. ``timestamps`` (seconds, one per
+        item) feed the time-gap embeddings; None → gaps unknown."""
+        length = self.max_history_length
+        items = torch.zeros(len(histories), length, dtype=torch.long)  # (U, L)
+        stamps = torch.full((len(histories), length), math.inf, dtype=torch.float64)
+        for row, history in enumerate(histories):
+            window = list(history)[-length:]
+            if window:
+                items[row, : len(window)] = torch.as_tensor(window, dtype=torch.long)
+            times = timestamps[row] if timestamps is not None else None
+            if times is not None and len(times):
+                if len(times) != len(history):
+                    raise ValueError(f"history {row}: {len(history)} items, {len(times)} times")
+                stamps[row, : len(window)] = torch.as_tensor(
+                    list(times)[-length:], dtype=torch.float64
+                )
+        gaps = torch.full_like(stamps, -1.0)
+        gaps[:, 1:] = stamps[:, 1:] - stamps[:, :-1]  # inf - inf = nan at padding
+        gaps[~torch.isfinite(gaps)] = -1.0  # unknown: the first slot, padding, missing times
+        mask = items != PAD_ID
+        device = self.device
+        return self.model.last_user_states(
+            self.item_embeddings[items.to(device)], mask.to(device), gaps.float().to(device)
+        )
+
+    @torch.no_grad()
+    def score_items(self, states: torch.Tensor) -> torch.Tensor:
+        """(U, D) states → (U, N + 1) logits against the whole catalogue (row 0 included)."""
+        return self.model.head.score_all(states.to(self.device), self.item_embeddings)
+
+    @torch.no_grad()
+    def score_users(self, states: torch.Tensor, item_embedding: torch.Tensor) -> torch.Tensor:
+        """(U, D) states × (D,) one item → (U,) logits."""
+        return self.model.head.score_all(states.to(self.device), item_embedding[None])[:, 0]
+
+    @torch.no_grad()
+    def embed_new_item(
+        self, text: str | None = None, clips: Sequence[torch.Tensor] = ()
+    ) -> torch.Tensor:
+        """A new item's embedding (D,) from its content alone, as the tower embeds a cold item:
+        text (tokenized as the catalogue was) and/or clips, each (T, C, H, W) uint8 prepared
+        as ``preprocessing`` says (``pretrain.pyfunc.load_clip`` does that from a file)."""
+        if not text and not clips:
+            raise ValueError("a new item needs text, a clip, or both")
+        device = self.device
+        video = mask = input_ids = attention = None
+        if clips:
+            video = torch.stack(list(clips))[None].to(device)  # (1, K, T, C, H, W)
+            mask = torch.ones(1, len(clips), dtype=torch.bool, device=device)
+        if text:
+            tokens = self.tokenizer(
+                [text],
+                padding="max_length",
+                truncation=True,
+                max_length=self.preprocessing.max_text_length,
+                return_tensors="pt",
+            )
+            input_ids = tokens["input_ids"].long().to(device)
+            attention = tokens["attention_mask"].long().to(device)
+        no_id = torch.zeros(1, dtype=torch.long, device=device)
+        return self.model.item_tower(
+            video, mask, input_ids, attention, item_ids=no_id, id_mask=no_id.bool()
+        )[0]
+
+    def to(self, device: str | torch.device) -> ExportedRecommender:
+        self.model.to(device)
+        self.item_embeddings = self.item_embeddings.to(device)
+        return self
+
+
+# ============================================================================= building it
+
+
+def _module_config(module: torch.nn.Module, kind: str, dim: int) -> dict[str, Any]:
+    """Constructor arguments that rebuild ``module`` (recorded in the component config)."""
+    if kind == USER_TOWER:
+        layer = module.encoder.layers[0]
+        return {
+            "dim": module.position_embeddings.embedding_dim,
+            "num_layers": len(module.encoder.layers),
+            "num_heads": module.num_heads,
+            "max_length": module.position_embeddings.num_embeddings,
+            "dropout": float(module.dropout.p),
+            "num_time_buckets": module.num_time_buckets,
+            "feedforward_multiplier": layer.linear1.out_features // layer.linear1.in_features,
+        }
+    if kind == HEAD:
+        return {
+            "dim": dim,
+            "kind": module.kind,
+            "learn_temperature": isinstance(module.log_logit_scale, torch.nn.Parameter),
+            "max_logit_scale": module.max_logit_scale,
+            "normalize": module.normalize,
+            "mlp_hidden": module.mlp[0].out_features if module.mlp is not None else 256,
+        }
+    raise ValueError(kind)
+
+
+def _head_from_config(config: Mapping[str, Any], dim: int) -> RankingHead:
+    # The temperature only initializes the (stored) log scale; any valid value will do.
+    return RankingHead(
+        dim,
+        config["kind"],
+        temperature=1 / min(20.0, config["max_logit_scale"]),
+        learn_temperature=config["learn_temperature"],
+        max_logit_scale=config["max_logit_scale"],
+        normalize=config["normalize"],
+        mlp_hidden=config["mlp_hidden"],
+    )
+
+
+def _encoder_model_config(encoder_settings):
+    """The ``VideoTextConfig`` of the encoders a finetune run started from (the weights come
+    from the finetune checkpoint; only the architecture is read here)."""
+    from pretrain.config import PretrainConfig, from_dict
+    from pretrain.model import VideoTextConfig
+
+    if encoder_settings.export_dir:
+        return VideoTextConfig.from_pretrained(encoder_settings.export_dir)
+    if encoder_settings.pretrain_dir:
+        tag_dir = resolve_tag_dir(encoder_settings.pretrain_dir)
+        run = json.loads((tag_dir / "config.json").read_text())
+        return from_dict(PretrainConfig, run["config"]).model.build_config()
+    return encoder_settings.random_model.build_config()
+
+
+def is_finetune_checkpoint(checkpoint: str | Path, tag: str | None = None) -> bool:
+    """Whether ``checkpoint`` (output dir, checkpoints/ dir or tag dir) is a finetune run's:
+    its tag's ``config.json`` has the finetune sections. False when it is not a checkpoint."""
+    try:
+        tag_dir = resolve_tag_dir(checkpoint, tag)
+    except ExportError:
+        return False
+    config_file = tag_dir / "config.json"
+    if not config_file.is_file():
+        return False
+    run_config = json.loads(config_file.read_text()).get("config", {})
+    return {"encoder", "loss", "baselines"} <= set(run_config)
+
+
+@dataclass
+class _Built:
+    """What ``build_recommender`` assembles from a run, before it is written or served."""
+
+    recommender: ExportedRecommender
+    consolidated: Any
+    config: Any
+    data_figures: dict[str, Any]
+
+
+def _build(output_dir: str | Path, tag: str | None = None) -> _Built:
+    from data_shards.text import load_tokenizer, resolve_text_model_dir
+    from finetune.config import ConfigError, FinetuneConfig
+    from finetune.interactions import load_interactions, read_catalogue, read_cold_items
+    from finetune.item_content import (
+        CACHE_FILE,
+        CLIP_STORE_FILE,
+        CLIP_STORE_META,
+        ClipStore,
+        tokenize_catalogue,
+    )
+    from finetune.model import ContentEmbeddings
+    from pretrain.config import from_dict
+    from pretrain.model import VideoTextModel
+
+    consolidated = consolidate_checkpoint(output_dir, tag)
+    run_config = consolidated.run.get("config") or {}
+    if not {"encoder", "loss", "baselines"} <= set(run_config):
+        raise ExportError(
+            f"{consolidated.tag_dir}: not a finetune checkpoint (its config.json has no "
+            "encoder/loss/baselines sections); export a pretraining run with pretrain.export"
+        )
+    try:
+        config = from_dict(FinetuneConfig, run_config)
+    except ConfigError as err:  # e.g. the interactions file moved since training
+        raise ExportError(f"{consolidated.tag_dir / 'config.json'}: {err}") from err
+    run_dir = consolidated.output_dir
+
+    # --- the data the item table and the warm / cold flags come from, as in training
+    settings = config.data
+    catalogue = read_catalogue(settings.catalogue, text_fields=settings.text_fields)
+    cold_ids = read_cold_items(settings.cold_items) if settings.cold_items else set()
+    data = load_interactions(
+        settings.interactions,
+        catalogue,
+        cold_items=cold_ids,
+        min_interactions=settings.min_interactions,
+    )
+    num_items = data.num_items
+    warm = torch.from_numpy(data.popularity() > 0)  # (N + 1,)
+    cold = torch.from_numpy(data.cold_items.copy())  # (N + 1,)
+
+    # --- the modules, exactly as Finetuner builds them, then the checkpoint's weights
+    model_config = _encoder_model_config(config.encoder)
+    encoder = VideoTextModel(model_config)
+    dim = config.model.dim or model_config.embed_dim
+    item_tower = ItemTower(encoder, dim, num_items if config.model.id_embeddings else 0)
+    user_tower = UserTower(
+        dim,
+        config.model.user_layers,
+        config.model.user_heads,
+        max_length=settings.max_history_length,
+        dropout=config.model.dropout,
+        num_time_buckets=config.model.time_buckets if config.model.time_gaps else 0,
+    )
+    head = RankingHead(dim, config.model.head, config.model.temperature)
+    model = Recommender(item_tower, user_tower, head)
+    _load_strict(model, consolidated.state_dict, str(consolidated.tag_dir))
+    encoder.tie_weights()
+    item_tower.freeze_encoders()  # inference: no grads, encoders in eval mode
+    model.eval().requires_grad_(False)
+
+    # --- every catalogue item through the item tower, as Finetuner.item_table does
+    tokenizer = load_tokenizer(resolve_text_model_dir(model_config.text_model_dir))
+    ids = torch.arange(num_items + 1)
+    id_mask = warm & (ids != PAD_ID)
+    if config.encoder.mode == "frozen":
+        cache_path = run_dir / CACHE_FILE
+        if not cache_path.is_file():
+            raise ExportError(f"{cache_path} is missing: the item content cache of the run")
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(cache_path))
+        cache = ContentEmbeddings(
+            tensors["video"], tensors["text"],
+            tensors["video_mask"].bool(), tensors["text_mask"].bool(),
+        )  # fmt: skip
+        if len(cache.video) != num_items + 1:
+            raise ExportError(
+                f"{cache_path}: {len(cache.video) - 1} items, the catalogue has {num_items}"
+            )
+        with torch.no_grad():
+            table = torch.cat(
+                [item_tower.from_cache(cache, part, id_mask[part]) for part in ids.split(65_536)]
+            )
+    else:
+        store_path, meta_path = run_dir / CLIP_STORE_FILE, run_dir / CLIP_STORE_META
+        if not (store_path.is_file() and meta_path.is_file()):
+            raise ExportError(f"{store_path} is missing: the clip store of the run")
+        store = ClipStore(store_path, np.asarray(json.loads(meta_path.read_text())["has_clip"]))
+        texts = tokenize_catalogue(catalogue, tokenizer, settings.max_text_length)
+        parts = []
+        with torch.no_grad():
+            for part in ids.split(settings.content_batch_size):
+                clips, clip_mask = store.get(part)
+                parts.append(
+                    item_tower(
+                        clips,
+                        clip_mask,
+                        texts.input_ids[part],
+                        texts.attention_mask[part],
+                        texts.text_mask[part],
+                        item_ids=part,
+                        id_mask=id_mask[part],
+                    )  # fmt: skip
+                )
+        table = torch.cat(parts)
+
+    video = model_config.video_config
+    shard_settings = {}
+    if settings.shards:
+        index = Path(settings.shards[0]) / "index.json"
+        if index.is_file():
+            shard_settings = json.loads(index.read_text()).get("settings", {})
+    preprocessing = VideoPreprocessing(
+        num_frames=video.num_frames,
+        image_size=video.image_size,
+        mean=list(model_config.video_mean),
+        std=list(model_config.video_std),
+        max_text_length=settings.max_text_length,
+        fps=shard_settings.get("fps"),
+        clip_seconds=shard_settings.get("clip_seconds"),
+    )
+    metrics_path = run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    finetune = {
+        "format": FINETUNE_FORMAT,
+        "source": str(consolidated.tag_dir),
+        "step": consolidated.step,
+        "zero_stage": consolidated.zero_stage,
+        "world_size": consolidated.world_size,
+        "mlflow_run_id": consolidated.mlflow_run_id,
+        "pretrain_run_id": metrics.get("pretrain_run_id"),
+        "config": run_config,
+        "metrics": metrics,
+    }
+    recommender = ExportedRecommender(
+        model, table, list(catalogue.item_ids), cold, warm, tokenizer, preprocessing, finetune,
+        run_dir,
+    )  # fmt: skip
+    figures = {
+        "interactions": settings.interactions,
+        "users": data.num_users,
+        "items": num_items,
+        "cold-start items": int(cold.sum()),
+        "items with training interactions": int(warm.sum()),
+        "encoder mode": config.encoder.mode,
+        "finetune steps": consolidated.step,
+    }
+    return _Built(recommender, consolidated, config, figures)
+
+
+def _load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], where: str):
+    """Every tensor present with the module's shape, nothing unknown; else an error naming
+    the tensors (the decoder of the tied MLM head may be absent)."""
+    expected = module.state_dict()
+    problems = [
+        f"tensor {name} has shape {list(state_dict[name].shape)}, expected {list(tensor.shape)}"
+        for name, tensor in expected.items()
+        if name in state_dict and state_dict[name].shape != tensor.shape
+    ]
+    problems += [
+        f"tensor {name} is missing"
+        for name in expected
+        if name not in state_dict and "mlm_head.predictions.decoder" not in name
+    ]
+    problems += [f"unexpected tensor {name}" for name in sorted(set(state_dict) - set(expected))]
+    if problems:
+        raise ExportError(f"{where}: " + "; ".join(problems[:10]))
+    module.load_state_dict(state_dict, strict=False)
+
+
+def build_recommender(output_dir: str | Path, tag: str | None = None) -> ExportedRecommender:
+    """The recommender of a finetune output dir, in memory (what ``export_finetune`` writes)."""
+    return _build(output_dir, tag).recommender
+
+
+# ============================================================================= writing
+
+
+def _prefixed(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _card_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """metrics.json's test figures, flattened for the card: ``test/content/cold/hr@10``."""
+    figures = {}
+    for model_name, groups in metrics.get("metrics", {}).get("test", {}).items():
+        for group, values in groups.items():
+            if not isinstance(values, Mapping):
+                figures[f"test/{model_name}/{group}"] = values
+                continue
+            for name in CARD_METRICS:
+                if name in values:
+                    figures[f"test/{model_name}/{group}/{name}"] = round(float(values[name]), 4)
+    return figures
+
+
+def export_finetune(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str = "fp32",
+    tag: str | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+) -> Path:
+    """Export one checkpoint of a finetune run (see the module docstring for the layout).
+    ``dtype`` applies to the encoders; the recommender components stay fp32."""
+    built = _build(checkpoint, tag)
+    recommender, consolidated = built.recommender, built.consolidated
+    model = recommender.model
+    state = model.state_dict()
+    tower_state = {
+        k: v for k, v in _prefixed(state, "item_tower.").items() if not k.startswith("encoder.")
+    }
+    catalogue_json = json.dumps({"item_ids": recommender.item_ids}).encode()
+    dim = recommender.item_embeddings.shape[1]
+    components = [
+        ExportComponent(
+            ITEM_TOWER,
+            tower_state,
+            config={
+                "dim": dim,
+                "num_item_ids": recommender.num_items if model.item_tower.id_embeddings else 0,
+                "encoder_mode": built.config.encoder.mode,
+            },
+            description="item tower's own layers (modality mix, projection"
+            + (", warm-item ID table)" if model.item_tower.id_embeddings is not None else ")"),
+        ),
+        ExportComponent(
+            USER_TOWER,
+            _prefixed(state, "user_tower."),
+            config=_module_config(model.user_tower, USER_TOWER, dim),
+            description="SASRec user tower (history of item embeddings → user state)",
+        ),
+        ExportComponent(
+            HEAD,
+            _prefixed(state, "head."),
+            config=_module_config(model.head, HEAD, dim),
+            description=f"ranking head ({model.head.kind})",
+        ),
+        ExportComponent(
+            ITEMS,
+            {
+                "item_embeddings": recommender.item_embeddings,
+                "warm": recommender.warm.to(torch.uint8),
+                "cold": recommender.cold.to(torch.uint8),
+            },
+            config={
+                "num_items": recommender.num_items,
+                "dim": dim,
+                "padding_row": PAD_ID,
+                "catalogue_file": CATALOGUE_FILE,
+                "catalogue_sha256": hashlib.sha256(catalogue_json).hexdigest(),
+            },
+            description=f"embeddings of all {recommender.num_items} catalogue items (row 0 "
+            f"padding; ids in {CATALOGUE_FILE}), warm and cold-start flags",
+        ),
+    ]
+    card = ModelCard(
+        source=str(consolidated.tag_dir),
+        step=consolidated.step,
+        mlflow_run_id=consolidated.mlflow_run_id,
+        zero_stage=consolidated.zero_stage,
+        world_size=consolidated.world_size,
+        preset=f"finetuned recommender ({built.config.encoder.mode} encoders)",
+        training_data=built.data_figures,
+        evaluation=_card_metrics(recommender.finetune["metrics"]),
+    )
+    out = export_model(
+        model.item_tower.encoder,
+        out_dir,
+        tokenizer=recommender.tokenizer,
+        preprocessing=recommender.preprocessing,
+        card=card,
+        components=components,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+    )
+    (out / CATALOGUE_FILE).write_bytes(catalogue_json)
+    atomic_write_text(out / FINETUNE_FILE, json.dumps(recommender.finetune, indent=2))
+    _append_card_usage(out)
+    log.info("recommender exported to %s (%d items, D=%d)", out, recommender.num_items, dim)
+    return out
+
+
+def _append_card_usage(out: Path) -> None:
+    """The recommender's own use section (``add_component`` rewrites the card without it)."""
+    lines = [
+        "",
+        "## Recommender",
+        "",
+        "The encoders above are the finetuned item encoders; `components/` holds the rest of",
+        f"the recommender and `{FINETUNE_FILE}` its config and full metrics. The evaluation",
+        "figures are the finetune run's leave-one-out test split (next item, full ranking of",
+        "the catalogue, seen items excluded; cold = cold-start targets), not the pretraining's.",
+        "",
+        "```python",
+        "from finetune.export import load_recommender",
+        "recommender = load_recommender(path)",
+        "states = recommender.user_states([recommender.rows(['item_1', 'item_7'])])",
+        "scores = recommender.score_items(states)   # (1, N + 1), column 0 is padding",
+        "```",
+        "",
+        "or `vidrec recommend --model PATH --interactions FILE --users u1,u2 --top-k 10`.",
+        "",
+    ]
+    card = out / CARD_FILE
+    atomic_write_text(card, card.read_text() + "\n".join(lines))
+
+
+# ============================================================================= loading
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_recommender(
+    export_dir: str | Path, device: str | torch.device = "cpu"
+) -> ExportedRecommender:
+    """Load a recommender export for inference (no DeepSpeed, no process group), checking
+    that every component is there, intact (sha256) and of the shapes its config implies."""
+    directory = Path(export_dir)
+    info = read_info(directory)
+    missing = [name for name in COMPONENTS if name not in info.get("components", {})]
+    if missing:
+        raise ExportError(
+            f"{directory}: component(s) {', '.join(missing)} missing from export_info.json: "
+            "not a recommender export (vidrec export --checkpoint <finetune output dir>)"
+        )
+    for name in COMPONENTS:
+        entry = info["components"][name]
+        path = directory / entry["file"]
+        if not path.is_file():
+            raise ExportError(f"{path} is missing: component {name} of the recommender")
+        if entry.get("sha256") and _file_sha256(path) != entry["sha256"]:
+            raise ExportError(f"{path}: content differs from the export (sha256 mismatch)")
+    for name in (FINETUNE_FILE, CATALOGUE_FILE):
+        if not (directory / name).is_file():
+            raise ExportError(f"{directory / name} is missing: not a recommender export")
+
+    exported = load_export(directory, device="cpu", dtype="fp32")
+    parts = exported.components
+    items_config = parts[ITEMS].config
+    catalogue_path = directory / CATALOGUE_FILE
+    if _file_sha256(catalogue_path) != items_config.get("catalogue_sha256"):
+        raise ExportError(f"{catalogue_path}: content differs from the export (sha256 mismatch)")
+    item_ids = json.loads(catalogue_path.read_text())["item_ids"]
+
+    tower_config = parts[ITEM_TOWER].config
+    dim = int(tower_config["dim"])
+    item_tower = ItemTower(exported.model, dim, int(tower_config["num_item_ids"]))
+    where = f"{directory}/components/{ITEM_TOWER}.safetensors"
+    own = {k: v for k, v in item_tower.state_dict().items() if not k.startswith("encoder.")}
+    problems = [
+        f"tensor {k} has shape {list(parts[ITEM_TOWER].tensors[k].shape)}, expected {list(v.shape)}"
+        for k, v in own.items()
+        if k in parts[ITEM_TOWER].tensors and parts[ITEM_TOWER].tensors[k].shape != v.shape
+    ]
+    problems += [f"tensor {k} is missing" for k in own if k not in parts[ITEM_TOWER].tensors]
+    problems += [f"unexpected tensor {k}" for k in set(parts[ITEM_TOWER].tensors) - set(own)]
+    if problems:
+        raise ExportError(f"{where}: " + "; ".join(problems))
+    item_tower.load_state_dict(parts[ITEM_TOWER].tensors, strict=False)
+
+    user_config = dict(parts[USER_TOWER].config)
+    if user_config.get("dim") != dim:
+        raise ExportError(
+            f"{directory}: user tower dim {user_config.get('dim')} != item tower dim {dim}"
+        )
+    user_tower = UserTower(**user_config)
+    _load_strict(
+        user_tower, parts[USER_TOWER].tensors, f"{directory}/components/{USER_TOWER}.safetensors"
+    )
+    head = _head_from_config(parts[HEAD].config, dim)
+    _load_strict(head, parts[HEAD].tensors, f"{directory}/components/{HEAD}.safetensors")
+
+    table = parts[ITEMS].tensors["item_embeddings"]
+    where = f"{directory}/components/{ITEMS}.safetensors"
+    expected = (len(item_ids) + 1, dim)
+    if tuple(table.shape) != expected:
+        raise ExportError(
+            f"{where}: tensor item_embeddings has shape {list(table.shape)}, expected "
+            f"{list(expected)} ({len(item_ids)} items in {CATALOGUE_FILE} + padding, D={dim})"
+        )
+    flags = {}
+    for name in ("warm", "cold"):
+        flag = parts[ITEMS].tensors.get(name)
+        if flag is None or tuple(flag.shape) != (len(item_ids) + 1,):
+            shape = None if flag is None else list(flag.shape)
+            raise ExportError(f"{where}: tensor {name} has shape {shape}, expected {expected[:1]}")
+        flags[name] = flag.bool()
+
+    model = Recommender(item_tower, user_tower, head)
+    item_tower.freeze_encoders()
+    model.eval().requires_grad_(False)
+    finetune = json.loads((directory / FINETUNE_FILE).read_text())
+    recommender = ExportedRecommender(
+        model, table.float(), item_ids, flags["cold"], flags["warm"], exported.tokenizer,
+        exported.preprocessing, finetune, directory,
+    )  # fmt: skip
+    return recommender.to(device)

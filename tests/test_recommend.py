@@ -1,0 +1,285 @@
+"""The finetuned recommender's hand-off and serving: a tiny finetune run (in-process, a world of
+one) → ``vidrec export`` → a fresh process without DeepSpeed gives the live model's item
+embeddings and scores; ``vidrec recommend`` for users and for a new item; damaged exports are
+refused naming the component."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_finetune_train import export_dir, tiny  # noqa: F401  (export_dir is a fixture)
+from test_pretrain_train import world  # noqa: F401  (the module-wide process group fixture)
+
+import vidrec_cli
+from finetune.export import ITEMS, USER_TOWER, build_recommender, load_recommender
+from finetune.recommend import (
+    UserHistory,
+    read_histories,
+    recommend_items,
+    recommend_users,
+)
+from finetune.train import Finetuner
+from pretrain.export import ExportError, read_info
+from pretrain.pyfunc import load_clip
+
+NEW_ITEM_TEXT = "Large red circle, up. a big red disc drifts upwards"
+
+
+class Live:
+    """A finished tiny run, and what its live engine says about the test histories."""
+
+    def __init__(self, trainer: Finetuner, export: Path):
+        self.trainer, self.export = trainer, export
+        self.output_dir = trainer.output_dir
+        module = trainer.engine.module
+        module.eval()
+        eval_set = trainer.data.eval_set("test")
+        self.items = trainer.item_table(module)  # (N + 1, D)
+        self.states = trainer.user_states(module, self.items, eval_set)  # (U, D)
+        self.scores = module.head.score_all(self.states, self.items)  # (U, N + 1)
+        ids, histories = trainer.data.catalogue.item_ids, eval_set.histories
+        self.histories = []
+        for user in range(len(eval_set.users)):
+            start, stop = histories.offsets[user], histories.offsets[user + 1]
+            self.histories.append(
+                {
+                    "user_id": trainer.data.user_ids[eval_set.users[user]],
+                    "items": [ids[i - 1] for i in histories.items[start:stop]],
+                    "timestamps": trainer.times_by_row[histories.rows[start:stop]].tolist(),
+                }
+            )
+
+
+@pytest.fixture(scope="module")
+def live(world, synthetic_shards, export_dir, tmp_path_factory):  # noqa: F811
+    """Frozen encoders from an export dir, the hybrid (content + ID) item tower, 4 steps."""
+    output = tmp_path_factory.mktemp("finetune")
+    config = tiny(
+        synthetic_shards, output, "encoder.random_init=false", f"encoder.export_dir={export_dir}",
+        "train.steps=4", "baselines.id_sasrec=false", "model.id_embeddings=true",
+    )  # fmt: skip
+    trainer = Finetuner(config, world)
+    trainer.fit()
+    export = tmp_path_factory.mktemp("recommender") / "model"
+    # through the CLI: `vidrec export` must recognise the finetune checkpoint by itself
+    assert vidrec_cli.main(["export", "--checkpoint", str(output), "--out", str(export)]) == 0
+    return Live(trainer, export)
+
+
+def histories_of(recommender, live: Live) -> list[UserHistory]:
+    return [
+        UserHistory(h["user_id"], recommender.rows(h["items"]), h["timestamps"])
+        for h in live.histories
+    ]
+
+
+SUBPROCESS_CHECK = """
+import json, sys
+from safetensors.torch import save_file
+from finetune.export import load_recommender
+
+export, histories_file, out = sys.argv[1:]
+recommender = load_recommender(export)
+histories = json.loads(open(histories_file).read())
+states = recommender.user_states(
+    [recommender.rows(h["items"]) for h in histories], [h["timestamps"] for h in histories]
+)
+save_file({"items": recommender.item_embeddings, "states": states,
+           "scores": recommender.score_items(states)}, out)
+assert "deepspeed" not in sys.modules, "loading a recommender export imported deepspeed"
+print("loaded without deepspeed")
+"""
+
+
+def test_export_in_a_fresh_process_gives_the_live_embeddings_and_scores(live, tmp_path):
+    histories_file, out = tmp_path / "histories.json", tmp_path / "out.safetensors"
+    histories_file.write_text(json.dumps(live.histories))
+    script = tmp_path / "check.py"
+    script.write_text(SUBPROCESS_CHECK)
+    result = subprocess.run(
+        [sys.executable, str(script), str(live.export), str(histories_file), str(out)],
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())},
+    )  # fmt: skip
+    assert result.returncode == 0 and "without deepspeed" in result.stdout, result.stderr[-3000:]
+    served = load_file(str(out))
+    torch.testing.assert_close(served["items"], live.items, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(served["states"], live.states, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(served["scores"], live.scores, atol=1e-5, rtol=1e-5)
+
+
+def test_export_records_catalogue_cold_items_config_and_metrics(live):
+    recommender = load_recommender(live.export)
+    data = live.trainer.data
+    assert recommender.item_ids == data.catalogue.item_ids
+    assert torch.equal(recommender.cold, torch.from_numpy(data.cold_items))
+    assert 0 < int(recommender.cold.sum()) < recommender.num_items
+    assert recommender.finetune["config"]["model"]["id_embeddings"] is True
+    saved = json.loads((live.output_dir / "metrics.json").read_text())
+    assert recommender.finetune["metrics"] == saved
+    card = (live.export / "README.md").read_text()
+    assert "test/content/cold/hr@10" in card and "components/user_tower.safetensors" in card
+    assert not list(live.export.rglob("*.pt")) and not list(live.export.rglob("*.bin"))
+
+
+def test_an_output_dir_serves_the_same_recommender(live):
+    exported, built = load_recommender(live.export), build_recommender(live.output_dir)
+    torch.testing.assert_close(built.item_embeddings, exported.item_embeddings)
+    histories = histories_of(built, live)[:3]
+    assert recommend_items(built, histories, 5) == recommend_items(exported, histories, 5)
+
+
+def test_a_zero0_run_with_trained_encoder_blocks_exports_its_live_item_table(
+    world,  # noqa: F811
+    synthetic_shards,
+    tmp_path,
+):
+    """ZeRO-0 keeps module weights rather than fp32 partitions; top_k mode embeds items from
+    the clip store rather than the content cache: the export must follow both. (ZeRO-3 is not
+    tested here: the trainer's head is called outside forward, which ZeRO-3 does not gather.)"""
+    config = tiny(
+        synthetic_shards, tmp_path / "run", "parallel.zero_stage=0", "encoder.mode=top_k",
+        "train.steps=3", "baselines.id_sasrec=false", "baselines.popularity=false",
+    )  # fmt: skip
+    trainer = Finetuner(config, world)
+    trainer.fit()
+    module = trainer.engine.module
+    module.eval()
+    built = build_recommender(trainer.output_dir)
+    torch.testing.assert_close(
+        built.item_embeddings, trainer.item_table(module), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_recommendations_exclude_seen_items_and_are_the_top_k_by_score(live):
+    recommender = load_recommender(live.export)
+    histories = histories_of(recommender, live)
+    rows = recommend_items(recommender, histories, k=7)
+    for user, history in enumerate(histories):
+        mine = [row for row in rows if row.user_id == history.user_id]
+        assert [row.rank for row in mine] == list(range(1, 8))
+        scores = [row.score for row in mine]
+        assert scores == sorted(scores, reverse=True)
+        chosen = recommender.rows([row.item_id for row in mine])
+        assert not set(chosen) & set(history.items)
+        expected = live.scores[user].clone()
+        expected[[0, *history.items]] = -torch.inf
+        assert chosen == expected.topk(7).indices.tolist()
+        assert [row.cold_start for row in mine] == [bool(recommender.cold[i]) for i in chosen]
+    seen = recommend_items(recommender, histories[:1], k=3, exclude_seen=False)
+    assert [r.item_id for r in seen] == [
+        recommender.item_ids[i - 1] for i in live.scores[0, 1:].topk(3).indices.add(1).tolist()
+    ]
+
+
+def test_users_for_a_new_item_are_sorted_and_equal_a_manual_computation(live, synthetic_shards):
+    recommender = load_recommender(live.export)
+    histories = histories_of(recommender, live)
+    synth = synthetic_shards["train"].parent / "synth"
+    prep = recommender.preprocessing
+    clip = load_clip(synth / "videos" / "item_00003.mp4", prep.num_frames, prep.image_size)
+    rows = recommend_users(recommender, histories, "new_item", k=5, text=NEW_ITEM_TEXT,
+                           clips=[clip])  # fmt: skip
+    assert [row.rank for row in rows] == [1, 2, 3, 4, 5] and all(r.cold_start for r in rows)
+    assert [r.score for r in rows] == sorted((r.score for r in rows), reverse=True)
+
+    # by hand, with the live model: its item tower on the same content, the head on its states
+    module = live.trainer.engine.module
+    tokens = live.trainer.tokenizer(
+        [NEW_ITEM_TEXT], padding="max_length", truncation=True,
+        max_length=live.trainer.config.data.max_text_length, return_tensors="pt",
+    )  # fmt: skip
+    with torch.no_grad():
+        item = module.item_tower(
+            clip[None, None], torch.ones(1, 1, dtype=torch.bool), tokens["input_ids"],
+            tokens["attention_mask"], item_ids=torch.zeros(1, dtype=torch.long),
+            id_mask=torch.zeros(1, dtype=torch.bool),
+        )  # fmt: skip
+        expected = module.head.score_all(live.states, item)[:, 0]  # (U,)
+    top = expected.topk(5)
+    assert [r.user_id for r in rows] == [histories[i].user_id for i in top.indices.tolist()]
+    torch.testing.assert_close(torch.tensor([r.score for r in rows]), top.values, atol=1e-5,
+                               rtol=1e-5)  # fmt: skip
+
+    # a catalogue item: its table row, and its past audience is left out
+    item_id = recommender.item_ids[histories[0].items[0] - 1]
+    audience = recommend_users(recommender, histories, item_id, k=len(histories))
+    assert histories[0].user_id not in {row.user_id for row in audience}
+    with pytest.raises(KeyError, match="unknown item id 'nope'"):
+        recommend_users(recommender, histories, "nope", k=3)
+
+
+def copy_of(export: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(export, copy)
+    return copy
+
+
+def test_a_missing_component_is_named(live, tmp_path):
+    copy = copy_of(live.export, tmp_path)
+    (copy / "components" / f"{USER_TOWER}.safetensors").unlink()
+    with pytest.raises(ExportError, match="user_tower"):
+        load_recommender(copy)
+    info = read_info(copy)
+    del info["components"][USER_TOWER]
+    (copy / "export_info.json").write_text(json.dumps(info))
+    with pytest.raises(ExportError, match="component\\(s\\) user_tower missing"):
+        load_recommender(copy)
+
+
+def test_a_mismatched_shape_is_named(live, tmp_path):
+    copy = copy_of(live.export, tmp_path)
+    path = copy / "components" / f"{ITEMS}.safetensors"
+    tensors = load_file(str(path))
+    tensors["item_embeddings"] = tensors["item_embeddings"][:-1]  # one item short
+    save_file(tensors, str(path))
+    info = read_info(copy)  # a consistent but wrong export: the info agrees with the file
+    entry = info["components"][ITEMS]
+    entry["shapes"]["item_embeddings"] = list(tensors["item_embeddings"].shape)
+    entry["sha256"] = None
+    (copy / "export_info.json").write_text(json.dumps(info))
+    with pytest.raises(ExportError, match="item_embeddings has shape .* expected"):
+        load_recommender(copy)
+
+
+def test_cli_prints_a_table_and_writes_jsonl(live, synthetic_shards, tmp_path, capsys):
+    interactions = synthetic_shards["train"].parent / "synth" / "interactions.csv"
+    users = [h["user_id"] for h in live.histories[:2]]
+    out = tmp_path / "recs.jsonl"
+    argv = ["recommend", "--model", str(live.export), "--interactions", str(interactions),
+            "--users", ",".join(users), "--top-k", "4", "--out", str(out)]  # fmt: skip
+    assert vidrec_cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[0].split() == ["user_id", "rank", "item_id", "score", "cold_start"]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 8 and {r["user_id"] for r in rows} == set(users)
+    assert all(f"{r['item_id']}" in printed for r in rows)
+    # the file's histories are every engaged row, so seen items are excluded from those
+    recommender = load_recommender(live.export)
+    seen = read_histories(interactions, recommender)[users[0]].items
+    assert not set(
+        recommender.rows([r["item_id"] for r in rows if r["user_id"] == users[0]])
+    ) & set(seen)
+
+    csv_out = tmp_path / "users.csv"
+    argv = ["recommend", "--model", str(live.export), "--item", "brand_new",
+            "--item-text", NEW_ITEM_TEXT, "--users-from", str(interactions), "--top-k", "3",
+            "--out", str(csv_out)]  # fmt: skip
+    assert vidrec_cli.main(argv) == 0
+    assert "brand_new" in capsys.readouterr().out
+    assert len(csv_out.read_text().splitlines()) == 4  # header + 3 users
+
+    argv = ["recommend", "--model", str(live.export), "--interactions", str(interactions),
+            "--users", f"{users[0]},ghost_user"]  # fmt: skip
+    assert vidrec_cli.main(argv) == 2
+    assert "ghost_user" in capsys.readouterr().err
+    argv = ["recommend", "--model", str(live.export), "--history", "item_00003,not_an_item"]
+    assert vidrec_cli.main(argv) == 2
+    assert "not_an_item" in capsys.readouterr().err
