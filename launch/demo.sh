@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: synthetic videos → shards → pretraining on two CPU
-# ranks (or the GPUs present) with MLflow tracking in a local sqlite file.
+# ranks (or the GPUs present) → finetuning the recommender → export, with MLflow tracking in
+# local sqlite files.
 # Everything lands in $VIDREC_DEMO_DIR (default: demo_output/ in the repository).
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
@@ -9,24 +10,24 @@ OUT=${VIDREC_DEMO_DIR:-$ROOT/demo_output}
 mkdir -p "$OUT"
 echo "[vidrec demo] output directory: $OUT"
 
-echo "[vidrec demo] 1/5 synthesizing videos, captions and interactions"
+echo "[vidrec demo] 1/7 synthesizing videos, captions and interactions"
 vidrec shards synth --out "$OUT/synth" --items "${VIDREC_DEMO_ITEMS:-240}" \
   --users "${VIDREC_DEMO_USERS:-400}" --no-progress > "$OUT/synth_summary.json"
 
-echo "[vidrec demo] 2/5 building shards (warm items to train on, cold-start items held out)"
+echo "[vidrec demo] 2/7 building shards (warm items to train on, cold-start items held out)"
 for split in warm cold; do
   vidrec shards build --manifest "$OUT/synth/manifest_$split.jsonl" --out "$OUT/shards_$split" \
     --clip-seconds 3 --fps 8 --short-side 112 --samples-per-shard 32
 done
 
-echo "[vidrec demo] 3/5 inspecting shards"
+echo "[vidrec demo] 3/7 inspecting shards"
 vidrec shards inspect "$OUT/shards_warm" --decode 64 --clips 8
 
-echo "[vidrec demo] 4/5 streaming training batches"
+echo "[vidrec demo] 4/7 streaming training batches"
 vidrec shards stream "$OUT/shards_warm" --batches 4 --batch-size 8 --frames 8 --size 112 \
   --workers 2
 
-echo "[vidrec demo] 5/5 pretraining the small preset (MiniLM text tower) on ${VIDREC_DEMO_RANKS:-2} ranks"
+echo "[vidrec demo] 5/7 pretraining the small preset (MiniLM text tower) on ${VIDREC_DEMO_RANKS:-2} ranks"
 CONFIG=$ROOT/launch/configs/small.yaml GPUS=${VIDREC_DEMO_RANKS:-2} bash "$ROOT/launch/pretrain.sh" \
   --set data.train_shards="$OUT/shards_warm" --set data.eval_shards="$OUT/shards_cold" \
   --set train.output_dir="$OUT/pretrain" --set train.steps="${VIDREC_DEMO_STEPS:-60}" \
@@ -46,4 +47,36 @@ print(f"[vidrec demo] retrieval on {evaluation.get('num_samples')} held-out vide
 print(f"[vidrec demo] MLflow run {summary['mlflow_run_id']}: "
       f"mlflow ui --backend-store-uri sqlite:///{out / 'pretrain' / 'mlflow.db'}")
 PY
-echo "[vidrec demo] done: contact sheet $OUT/shards_warm/contact_sheet.png, loss curve $OUT/pretrain/loss_curve.png"
+
+echo "[vidrec demo] 6/7 finetuning the recommender (frozen encoders) on ${VIDREC_DEMO_RANKS:-2} ranks"
+GPUS=${VIDREC_DEMO_RANKS:-2} MASTER_PORT=29501 bash "$ROOT/launch/finetune.sh" \
+  --set data.interactions="$OUT/synth/interactions.csv" --set data.catalogue="$OUT/synth/items.jsonl" \
+  --set data.cold_items="$OUT/synth/synth.json" \
+  --set "data.shards=[$OUT/shards_warm, $OUT/shards_cold]" \
+  --set encoder.pretrain_dir="$OUT/pretrain" --set train.output_dir="$OUT/finetune" \
+  --set train.steps="${VIDREC_DEMO_FINETUNE_STEPS:-300}" 2>&1 | grep -v "^\[20"
+
+
+echo "[vidrec demo] 7/7 exporting, registering in MLflow, recommending from the export (no DeepSpeed)"
+rm -rf "$OUT/export"
+vidrec export --checkpoint "$OUT/finetune" --out "$OUT/export" --register vidrec-demo \
+  --tracking-uri "sqlite:///$OUT/finetune/mlflow.db" 2>&1 | grep -E "^(exported|registered)" || true
+python - "$OUT" <<'PY'
+# A fresh process that loads the export only: vidrec's recommender, no training stack.
+import json, sys
+from pathlib import Path
+from finetune.recommend import load_recommender, read_histories, recommend_items, select_users
+out = Path(sys.argv[1])
+users = ["user_00000", "user_00001", "user_00002"]
+recommender = load_recommender(out / "export")
+histories = read_histories(out / "synth" / "interactions.csv", recommender)
+rows = recommend_items(recommender, select_users(histories, users, "interactions.csv"), k=5)
+titles = {json.loads(line)["item_id"]: json.loads(line)["title"]
+          for line in (out / "synth" / "items.jsonl").read_text().splitlines()}
+assert "deepspeed" not in sys.modules
+for user in users:
+    print(f"[vidrec demo] {user}: " + "; ".join(
+        titles[r.item_id] + (" (new)" if r.cold_start else "") for r in rows if r.user_id == user))
+PY
+echo "[vidrec demo] finetune MLflow: mlflow ui --backend-store-uri sqlite:///$OUT/finetune/mlflow.db"
+echo "[vidrec demo] done: contact sheet $OUT/shards_warm/contact_sheet.png, loss curve $OUT/pretrain/loss_curve.png, ranking $OUT/finetune/comparison.png, export $OUT/export"
