@@ -12,8 +12,9 @@ and in process CPU time (see ``interleaved``):
 - bare loop: the same model class built from the same config and seed, the same objectives
   (``PretrainObjectives`` called on the bare model), ``loss.backward()``, the same gradient-norm
   clip, ``torch.optim.AdamW`` with the same parameter groups, LR schedule, ``zero_grad``;
-- ZeRO 0, no all-reduce: the ZeRO-0 engine with DeepSpeed's gradient all-reduce switched off,
-  a diagnostic of what a world of one could skip;
+- ZeRO 0 + all-reduce: the ZeRO-0 engine with DeepSpeed's gradient all-reduce, which
+  ``Pretrainer`` switches off in a world of one, switched back on (a diagnostic of what that
+  saves);
 - masking pay-off (small preset, engine, ZeRO 0): contrastive + masked video modelling at mask
   ratio 0.9 against contrastive on the unmasked clip without MVM, MLM off in both (the pair
   that isolates what masking removes: the encoder's work on the hidden 90% of tubes); then the
@@ -174,17 +175,19 @@ def interleaved(steppers: dict[str, Any], batch, steps: int, rounds: int) -> dic
     }
 
 
-def without_allreduce(trainer: Pretrainer):
-    """``train_step`` with DeepSpeed's gradient all-reduce switched off (ZeRO 0 only): in a
-    world of one it averages every gradient over one rank, at the cost of flattening all of
-    them into one buffer and copying them back. Diagnostic: what skipping it would save."""
+def with_allreduce(trainer: Pretrainer):
+    """``train_step`` with DeepSpeed's gradient all-reduce switched back on (ZeRO 0 only): in
+    a world of one it averages every gradient over one rank, at the cost of flattening all of
+    them into one buffer and copying them back, so ``Pretrainer`` turns it off there. Diagnostic:
+    what that saves."""
 
     def step(batches):
-        trainer.engine.enable_backward_allreduce = False
+        previous = trainer.engine.enable_backward_allreduce
+        trainer.engine.enable_backward_allreduce = True
         try:
             return trainer.train_step(batches)
         finally:
-            trainer.engine.enable_backward_allreduce = True
+            trainer.engine.enable_backward_allreduce = previous
 
     return step
 
@@ -206,7 +209,7 @@ def engine_overhead(preset: str, stages: list[int], args, workdir: Path) -> None
     steppers = {"bare PyTorch loop": bare.train_step}
     steppers |= {f"engine, ZeRO {stage}": t.train_step for stage, t in trainers.items()}
     if 0 in trainers:
-        steppers["ZeRO 0, no all-reduce"] = without_allreduce(trainers[0])
+        steppers["ZeRO 0 + all-reduce"] = with_allreduce(trainers[0])
     times = interleaved(steppers, batch, args.steps, args.rounds)
     bare = times["bare PyTorch loop"]
     for name, best in times.items():

@@ -164,6 +164,12 @@ class Pretrainer:
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
             resolve_precision(config.parallel.precision), torch.float32
         )
+        single = world.world_size == 1 and config.parallel.zero_stage == 0
+        if single and self.dtype is torch.float32:
+            # A world of one has nothing to average, yet DeepSpeed's ZeRO-0 all-reduce still
+            # flattens and copies every gradient: ~8% of a small-preset CPU step
+            # (launch/bench_engine.py). Accumulation scaling happens in backward, unaffected.
+            self.engine.enable_backward_allreduce = False
         text_dir = self.model_config.text_model_dir or None
         self.tokenizer = load_tokenizer(resolve_text_model_dir(text_dir))
         objectives = config.objectives

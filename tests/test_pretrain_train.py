@@ -68,6 +68,28 @@ def weights(trainer: Pretrainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()}
 
 
+# ------------------------------------------------------------------------------ world of one
+
+
+def test_a_world_of_one_skips_the_allreduce_and_trains_the_same(
+    world: World, synthetic_shards, tmp_path
+):
+    """ZeRO 0 on one rank: the engine's gradient all-reduce (an average over one rank, paid
+    for with a flatten and copy of every gradient) is off, and the steps are those taken with
+    it on, gradient accumulation included."""
+    overrides = ("train.steps=3", "parallel.zero_stage=0", "parallel.micro_batch_size=2",
+                 "parallel.grad_accum_steps=2")  # fmt: skip
+    skipping = Pretrainer(tiny(synthetic_shards, tmp_path / "skip", *overrides), world)
+    assert skipping.engine.enable_backward_allreduce is False
+    reducing = Pretrainer(tiny(synthetic_shards, tmp_path / "reduce", *overrides), world)
+    reducing.engine.enable_backward_allreduce = True
+    skipped, reduced = skipping.fit()["history"], reducing.fit()["history"]
+    assert [e["step"] for e in skipped] == [1, 2, 3]
+    for key in ("loss", "logit_scale"):  # steps 2-3 see the weights the steps before made
+        assert [e[key] for e in skipped] == pytest.approx([e[key] for e in reduced], rel=1e-6)
+    assert len({e["loss"] for e in skipped}) > 1
+
+
 # ------------------------------------------------------------------------------ non-finite
 
 
