@@ -17,6 +17,7 @@ from pretrain.config import (
     ModelSettings,
     OptimizerSettings,
     ParallelSettings,
+    TrainSettings,
     apply_overrides,
     deepspeed_config,
     from_dict,
@@ -159,27 +160,15 @@ class BaselineSettings:
 
 
 @dataclass
-class FinetuneTrainSettings:
+class FinetuneTrainSettings(TrainSettings):
+    """Pretraining's loop settings (steps, seed, log/eval/save cadence, keep_last, non-finite
+    streak), with finetune defaults and the ranking chunk."""
+
     steps: int = 500
-    """Optimizer steps of the content model."""
-    seed: int = 0
     output_dir: str = "outputs/finetune"
     """Checkpoints, content cache, clip store, metrics.json, plots, MLflow sqlite file."""
-    log_every: int = 10
-    eval_every: int = 0
-    """Validate (content model only) every N steps; 0 = only at the end."""
-    save_every: int = 0
-    """Checkpoint every N steps; 0 = only at the end."""
-    keep_last: int = 2
-    max_nonfinite_streak: int = 5
     eval_user_chunk: int = 256
     """Users scored at once in full ranking."""
-
-    def __post_init__(self):
-        if self.steps < 1 or self.keep_last < 1:
-            raise ConfigError("train.steps and train.keep_last must be >= 1")
-        if min(self.log_every, self.eval_every, self.save_every) < 0:
-            raise ConfigError("train.log_every, eval_every and save_every must be >= 0")
 
 
 @dataclass
