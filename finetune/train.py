@@ -1,11 +1,12 @@
 """Finetuning for recommendation: setup → fit (train_step, evaluate, save) → final report.
 
 Next-item training (SASRec style) of ``finetune.model``'s Recommender on every position of each
-user's training sequence, with in-batch + uniform negatives and the logQ correction; then
-leave-one-out evaluation by full ranking, against two baselines trained and scored on the same
-split in the same run: popularity and an ID-only SASRec. Runs unchanged under ``deepspeed``,
-``torchrun``, SLURM and as a plain process (``pretrain/distributed.py``); files, MLflow and
-progress bars come from global rank 0 only (``self.world.is_main``).
+user's training sequence, with in-batch + uniform negatives and the logQ correction, the whole
+loss inside the engine's forward (``finetune.objective``; ZeRO-3 weights exist only there);
+then leave-one-out evaluation by full ranking, against two baselines trained and scored on the
+same split in the same run: popularity and an ID-only SASRec. Runs unchanged under
+``deepspeed``, ``torchrun``, SLURM and as a plain process (``pretrain/distributed.py``); files,
+MLflow and progress bars come from global rank 0 only (``self.world.is_main``).
 
 Shapes: B users per rank, L history window, D embedding size, S uniform negatives,
 R next-item rows (real targets of the batch), N catalogue items (N + 1 rows with padding).
@@ -59,9 +60,8 @@ from finetune.model import (
     Recommender,
     UserTower,
     mixed_sampling_log_q,
-    pointwise_bce_loss,
-    sampled_softmax_loss,
 )
+from finetune.objective import ItemInputs, NextItemBatch, NextItemObjective
 from pretrain import checkpoint
 from pretrain.config import PretrainConfig, from_dict, resolve_precision, to_dict
 from pretrain.distributed import (
@@ -285,9 +285,12 @@ class Finetuner:
             mode, lambda: item_tower.unfreeze_top_k(config.encoder.top_k)
         )()
         self.dim = dim
-        recommender = Recommender(item_tower, self.user_tower(), self.head())
+        self.encoder_config = encoder.config
+        self.zero3 = config.parallel.zero_stage == 3
+        self.content_anchors = self._content_anchors()
+        objective = self.objective(item_tower)
         self.engine, self.scheduler = build_engine(
-            recommender, config, world, config.train.steps, config.optimizer.lr, config.encoder.lr
+            objective, config, world, config.train.steps, config.optimizer.lr, config.encoder.lr
         )
         self.generator = torch.Generator().manual_seed(seed * 1000 + world.rank)
         torch.manual_seed(seed * 1000 + world.rank)  # dropout differs per rank
@@ -311,6 +314,25 @@ class Finetuner:
 
     def head(self) -> RankingHead:
         return RankingHead(self.dim, self.config.model.head, self.config.model.temperature)
+
+    def objective(self, item_tower: ItemTower | IDOnlyItemTower) -> NextItemObjective:
+        """The recommender around ``item_tower`` with its training loss as ``forward``."""
+        return NextItemObjective(
+            item_tower, self.user_tower(), self.head(), bce_weight=self.config.loss.bce_weight
+        )
+
+    def _content_anchors(self) -> torch.Tensor:
+        """Under ZeRO-3 with live encoders: an item with a clip and one with text, embedded
+        with every batch so that each rank runs both encoders at every step (ZeRO-3 gathers a
+        module's weights with a collective; a rank whose items all lack clips would skip the
+        video encoder and the ranks would deadlock). Empty otherwise."""
+        if not self.zero3 or self.clip_store is None:
+            return torch.zeros(0, dtype=torch.long)
+        anchors = []
+        for present in (self.clip_store.has_clip, self.texts.text_mask):
+            real = torch.nonzero(present.bool()[1:]).squeeze(1) + 1
+            anchors += real[:1].tolist()
+        return torch.tensor(anchors, dtype=torch.long)
 
     # ----------------------------------------------------------------------------- items
 
@@ -338,80 +360,88 @@ class Finetuner:
 
     # ----------------------------------------------------------------------------- steps
 
-    def next_item_loss(self, engine, users: np.ndarray) -> dict[str, torch.Tensor]:
-        """Softmax over in-batch + uniform negatives at every position of the users' windows
-        (history items masked as negatives), plus BCE on labelled rows when weighted."""
+    def item_inputs(self, module: Recommender, ids: torch.Tensor) -> ItemInputs:
+        """What ``module``'s item tower needs to embed ``ids`` (K,), on the device: the ids
+        alone (ID-only tower), the cached content (frozen encoders) or clips and text."""
+        device = self.world.device
+        inputs = ItemInputs(ids.to(device))
+        if isinstance(module.item_tower, IDOnlyItemTower):
+            return inputs
+        inputs.id_mask = (self.warm[ids] & (ids != PAD_ID)).to(device)
+        if self.cache is not None:
+            if not module.item_tower.encoders_frozen:
+                raise RuntimeError("cached content is stale once encoder layers train")
+            inputs.content = self.cache[ids.to(device)]
+            return inputs
+        clips, clip_mask = self.clip_store.get(ids)
+        inputs.clips, inputs.clip_mask = clips.to(device), clip_mask.to(device)
+        inputs.input_ids = self.texts.input_ids[ids].to(device)
+        inputs.attention_mask = self.texts.attention_mask[ids].to(device)
+        inputs.text_mask = self.texts.text_mask[ids].to(device)
+        return inputs
+
+    def next_item_batch(self, module: Recommender, users: np.ndarray) -> NextItemBatch:
+        """The users' windows, the step's uniform negatives, their logQ and the labelled rows
+        (when ``loss.bce_weight`` > 0), as plain tensors for ``NextItemObjective``."""
         config, device = self.config, self.world.device
         length = config.data.max_history_length
         times = self.times_by_row[self.train_sequences.rows]
         window = _windows(self.train_sequences, times, users, length + 1)  # (B, L + 1)
-        inputs, targets = window.items[:, :-1], window.items[:, 1:]  # (B, L)
-        mask = inputs != PAD_ID
         num_negatives = config.loss.uniform_negatives
         draws = torch.randint(len(self.warm_ids), (num_negatives,), generator=self.generator)
         negatives = self.warm_ids[draws]  # (S,)
-        ids, inverse = torch.unique(torch.cat([window.items.flatten(), negatives]),
-                                    return_inverse=True)  # fmt: skip
-        item_embeddings = self.embed_items(engine.module, ids)  # (K, D)
-        window_embeddings = item_embeddings[inverse[: window.items.numel()].to(device)]
-        window_embeddings = window_embeddings.view(*window.items.shape, -1)  # (B, L + 1, D)
-        negative_embeddings = item_embeddings[inverse[window.items.numel() :].to(device)]
-
-        states = engine(
-            window_embeddings[:, :-1], mask.to(device), window.time_gaps[:, :-1].to(device)
-        )  # (B, L, D)
-        rows = (targets != PAD_ID).flatten()  # (B·L,)
-        positive_ids = targets.flatten()[rows]  # (R,)
-        log_q = None
+        bce = self._bce_rows(users, window) if config.loss.bce_weight > 0 else None
+        bce_items = bce[2] if bce is not None else torch.zeros(0, dtype=torch.long)
+        ids, inverse = torch.unique(
+            torch.cat([window.items.flatten(), negatives, bce_items, self.content_anchors]),
+            return_inverse=True,
+        )  # (K,), every item embedded once
+        count = window.items.numel()
+        batch = NextItemBatch(
+            items=self.item_inputs(module, ids),
+            window_rows=inverse[:count].view(window.items.shape).to(device),
+            time_gaps=window.time_gaps.to(device),
+            negative_rows=inverse[count : count + num_negatives].to(device),
+        )
         if config.loss.logq:
+            targets = window.items[:, 1:]
+            positive_ids = targets[targets != PAD_ID]  # (R,), row-major like the loss rows
             probability = torch.from_numpy(self.popularity / self.popularity.sum())
-            log_q = mixed_sampling_log_q(
+            batch.log_q = mixed_sampling_log_q(
                 torch.cat([positive_ids, negatives]),
                 probability,
                 batch_size=len(positive_ids),
                 num_uniform=num_negatives,
                 num_items=len(self.warm_ids),
             ).to(device)
-        head = engine.module.head
-        softmax = sampled_softmax_loss(
-            states.flatten(0, 1)[rows.to(device)],
-            positive_ids.to(device),
-            window_embeddings[:, 1:].flatten(0, 1)[rows.to(device)],
-            negatives.to(device),
-            negative_embeddings,
-            head,
-            candidate_log_q=log_q,
-            history_ids=window.items.to(device),
-            history_index=torch.arange(len(users)).repeat_interleave(length)[rows].to(device),
-        )
-        losses = {"loss_softmax": softmax}
-        if config.loss.bce_weight > 0:
-            bce = self._bce_loss(engine.module, users, window, states)
-            losses["loss_bce"] = bce
-            losses["loss"] = softmax + config.loss.bce_weight * bce
-        else:
-            losses["loss"] = softmax
-        return losses
+        if bce is not None:
+            user, position, _, labels = bce
+            start = count + num_negatives
+            batch.bce_user, batch.bce_position = user.to(device), position.to(device)
+            batch.bce_item_rows = inverse[start : start + len(bce_items)].to(device)
+            batch.bce_labels = labels.to(device)
+        return batch
 
-    def _bce_loss(self, module, users, window: Windows, states: torch.Tensor) -> torch.Tensor:
-        """BCE on the labelled training rows of the batch users, each scored with the state
-        after the window items strictly before it (rows older than the window are left out)."""
+    def _bce_rows(self, users: np.ndarray, window: Windows):
+        """The labelled training rows of the batch users, each scored with the state after the
+        window items strictly before it (rows older than the window are left out): batch row
+        (P,), window slot (P,), item id (P,), label (P,)."""
         rows = np.flatnonzero(np.isin(self.pointwise["user"], users))
         slot = {int(user): index for index, user in enumerate(users)}
         batch_index = np.array([slot[int(u)] for u in self.pointwise["user"][rows]], dtype=int)
         row_times = self.times_by_row[self.pointwise["row"][rows]]
         before = (window.times.numpy()[batch_index, :-1] < row_times[:, None]).sum(axis=1)
         keep = before >= 1  # a state exists: at least one window item precedes the row
-        if not keep.any():
-            return states.sum() * 0
-        device = self.world.device
-        index = torch.from_numpy(batch_index[keep]).to(device)
-        position = torch.from_numpy(before[keep] - 1).to(device)
-        items = torch.from_numpy(self.pointwise["item"][rows][keep])
-        labels = torch.from_numpy(self.pointwise["label"][rows][keep]).float().to(device)
-        return pointwise_bce_loss(
-            states[index, position], self.embed_items(module, items), labels, module.head
+        return (
+            torch.from_numpy(batch_index[keep]).long(),
+            torch.from_numpy(before[keep] - 1).long(),
+            torch.from_numpy(self.pointwise["item"][rows][keep]).long(),
+            torch.from_numpy(self.pointwise["label"][rows][keep]).float(),
         )
+
+    def next_item_loss(self, engine, users: np.ndarray) -> dict[str, torch.Tensor]:
+        """The losses of one micro-batch, computed inside the engine's forward (ZeRO-3)."""
+        return engine(self.next_item_batch(engine.module, users))
 
     def train_step(self, engine=None, state: TrainState | None = None) -> dict[str, float]:
         """One optimizer step (``grad_accum_steps`` micro-batches with finite losses)."""
@@ -473,9 +503,41 @@ class Finetuner:
             )
         return torch.cat(states)
 
+    def evaluation_copy(self, module: Recommender) -> Recommender:
+        """``module`` itself, or under ZeRO-3 a plain replica holding its gathered weights.
+
+        ZeRO-3 weights are whole only inside the engine's forward, and its module hooks
+        re-partition even gathered weights after each submodule call, so evaluation (which
+        calls tower and head methods directly, some on rank 0 only) runs on a replica without
+        hooks. Every rank must call this together: the gather is a collective."""
+        if not self.zero3:
+            return module
+        tower = module.item_tower
+        with torch.random.fork_rng(devices=[]):  # random init must not shift training's RNG
+            if isinstance(tower, IDOnlyItemTower):
+                replica_tower = IDOnlyItemTower(self.num_items, self.dim)
+            else:
+                ids = tower.id_embeddings.num_embeddings - 1 if tower.id_embeddings else 0
+                encoder = VideoTextModel(self.encoder_config)
+                encoder.tie_weights()
+                replica_tower = ItemTower(encoder, self.dim, ids)
+                layers = tower.trainable_encoder_layers
+                if layers == "all":
+                    replica_tower.unfreeze_encoders()
+                else:
+                    replica_tower.unfreeze_top_k(layers)  # 0: frozen, as the cache requires
+            replica = Recommender(replica_tower, self.user_tower(), self.head())
+        replica.requires_grad_(False)
+        targets = dict(replica.named_parameters()) | dict(replica.named_buffers())
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+                targets[name].data = tensor.data.detach().clone()  # dtype and device as trained
+        return replica.train(module.training)
+
     def evaluate_model(self, module: Recommender, splits=("valid", "test")) -> dict[str, Any]:
         """Full-ranking metrics of one recommender per split: ``{split: {group: {metric}}}``.
-        Every rank embeds (so ZeRO-3 gathers match); rank 0 ranks; the result is broadcast."""
+        Every rank embeds (the same calls everywhere); rank 0 ranks; the result is broadcast."""
+        module = self.evaluation_copy(module)
         was_training = module.training
         module.eval()
         items = self.item_table(module)
@@ -533,8 +595,7 @@ class Finetuner:
         engine; trained from scratch each time (seconds; not checkpointed)."""
         baselines = self.config.baselines
         torch.manual_seed(self.config.train.seed + 1)
-        module = Recommender(IDOnlyItemTower(self.num_items, self.dim), self.user_tower(),
-                             self.head())  # fmt: skip
+        module = self.objective(IDOnlyItemTower(self.num_items, self.dim))
         engine, _ = build_engine(
             module, self.config, self.world, baselines.id_sasrec_steps, baselines.id_sasrec_lr,
             baselines.id_sasrec_lr,

@@ -1,14 +1,19 @@
 """Finetuning under real ranks: ``vidrec finetune`` started by the deepspeed launcher with two
-CPU ranks (gloo), SIGKILLed after its first checkpoint, then resumed by the same command to a
-complete report. Each launch pays ~30 s of start-up on two cores, so this is one test."""
+CPU ranks (gloo) under ZeRO-3 (weights partitioned), SIGKILLed after its first checkpoint, then
+resumed by the same command to a complete report; its last checkpoint is then exported in this
+process and must reproduce the run's own test metrics. Each launch pays ~30 s of start-up on
+two cores, so this is one test."""
 
 from __future__ import annotations
 
 import json
+import math
 import signal
 import time
 
+import numpy as np
 import pytest
+import torch
 from conftest import CONFIGS
 from mlflow import MlflowClient
 from test_finetune_train import data_overrides
@@ -19,6 +24,12 @@ from test_pretrain_distributed import (
     _launch_in_background,
     _remove_shm_buffers,
 )
+
+from finetune import report
+from finetune.config import load_finetune_config
+from finetune.export import export_finetune, load_recommender
+from finetune.interactions import load_interactions, read_catalogue, read_cold_items
+from finetune.metrics import auc, evaluate_ranking
 
 pytestmark = pytest.mark.distributed
 
@@ -33,6 +44,7 @@ def _command(synthetic_shards, output_dir, port: int) -> list[str]:
         f"train.output_dir={output_dir}",
         f"train.steps={STEPS}",
         "train.save_every=4",
+        "parallel.zero_stage=3",
         "train.log_every=1",
         "baselines.id_sasrec_steps=10",
     ]
@@ -90,3 +102,59 @@ def test_two_ranks_finetune_and_resume_after_sigkill(synthetic_shards, tmp_path)
     assert run.info.status == "FINISHED" and run.data.params["world_size"] == "2"
     logged = {point.step for point in client.get_metric_history(run.info.run_id, "loss")}
     assert set(range(killed_at + 1, STEPS + 1)) <= logged
+
+    # 3. the ZeRO-3 shards, merged in this process, give back the model the run evaluated
+    exported = load_recommender(export_finetune(output, tmp_path / "export"))
+    assert exported.finetune["zero_stage"] == 3 and exported.finetune["world_size"] == 2
+    assert exported.finetune["step"] == STEPS
+    recomputed = _test_metrics(exported, output)
+    saved = results["metrics"]["test"]["content"]
+    for group in ("all", "warm", "cold"):
+        for metric in ("hr@10", "ndcg@10", "mrr"):
+            assert recomputed[group][metric] == pytest.approx(saved[group][metric], abs=1e-6)
+    assert recomputed["auc"] == pytest.approx(saved["auc"], abs=1e-6, nan_ok=True)
+
+
+def _test_metrics(recommender, output) -> dict:
+    """The run's test metrics of the content model (``Finetuner.evaluate_model``), from the
+    export alone: its item table, its user states of the same history windows, its head.
+    The run computed its figures from the live weights gathered across ranks, so a wrong merge
+    of the ZeRO-3 partitions (a shard misplaced, a shape misread) changes them."""
+    config = load_finetune_config(output / "config.yaml")
+    settings = config.data
+    catalogue = read_catalogue(settings.catalogue, text_fields=settings.text_fields)
+    data = load_interactions(
+        settings.interactions,
+        catalogue,
+        cold_items=read_cold_items(settings.cold_items) if settings.cold_items else set(),
+        min_interactions=settings.min_interactions,
+    )
+    times_by_row = np.zeros(int(data.row.max()) + 1)
+    times_by_row[data.row] = data.timestamp
+    eval_set = data.eval_set("test")
+    histories, offsets = eval_set.histories, eval_set.histories.offsets
+    states = recommender.user_states(
+        [histories.items[offsets[u] : offsets[u + 1]].tolist() for u in range(len(offsets) - 1)],
+        [times_by_row[histories.rows[offsets[u] : offsets[u + 1]]].tolist()
+         for u in range(len(offsets) - 1)],
+    )  # fmt: skip
+    items, head = recommender.item_embeddings, recommender.model.head
+    cold = torch.from_numpy(eval_set.is_cold)
+    with torch.no_grad():
+        flat = evaluate_ranking(
+            torch.from_numpy(eval_set.targets),
+            score_fn=lambda examples, ids: head.score_all(states[examples], items[ids]),
+            num_items=recommender.num_items + 1,
+            histories=histories,
+            groups={"warm": ~cold, "cold": cold},
+            user_chunk=config.train.eval_user_chunk,
+        )
+        figures = report.nest(flat)
+        rows = data.pointwise("test")
+        figures["auc"] = math.nan
+        if len(np.unique(rows["label"])) == 2:
+            scores = head.score_pairs(
+                states[torch.from_numpy(rows["user"])], items[torch.from_numpy(rows["item"])]
+            )
+            figures["auc"] = auc(scores, rows["label"])
+    return figures

@@ -1,0 +1,132 @@
+"""The next-item training objective as a module, so that a DeepSpeed engine runs all of it.
+
+Under ZeRO-3 the recommender's weights are partitioned over the ranks and exist whole only
+inside the engine's forward: every parameter the loss reads (item tower, user tower, ranking
+head) must be read there. ``NextItemObjective.forward`` therefore takes a ``NextItemBatch`` of
+plain tensors, prepared by the trainer (windows, negatives, logQ, labelled rows, item inputs),
+and returns the losses; the trainer calls ``engine(batch)``.
+
+``NextItemObjective`` *is* a ``Recommender`` (a subclass that only adds the training
+forward), so its parameter names and state-dict keys are the recommender's: checkpoints and
+``finetune/export.py`` see no wrapper prefix, and evaluation uses it as a recommender.
+
+Shapes: B users, L history window, D embedding size, S uniform negatives, R next-item rows
+(real targets of the batch), P labelled (BCE) rows, K distinct items the step embeds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from finetune.model import (
+    PAD_ID,
+    ContentEmbeddings,
+    IDOnlyItemTower,
+    Recommender,
+    pointwise_bce_loss,
+    sampled_softmax_loss,
+)
+
+
+@dataclass
+class ItemInputs:
+    """What the item tower needs for the K items of a step; exactly one source is set."""
+
+    item_ids: torch.Tensor  # (K,) long, distinct, may include PAD_ID
+    id_mask: torch.Tensor | None = None  # (K,) bool, warm items (the hybrid tower's ID rows)
+    content: ContentEmbeddings | None = None  # fields (K, E) / (K,): the frozen-encoder cache
+    clips: torch.Tensor | None = None  # (K, Kc, T, C, H, W) uint8: live encoders
+    clip_mask: torch.Tensor | None = None  # (K, Kc) bool
+    input_ids: torch.Tensor | None = None  # (K, Lt)
+    attention_mask: torch.Tensor | None = None  # (K, Lt)
+    text_mask: torch.Tensor | None = None  # (K,) bool
+
+
+@dataclass
+class NextItemBatch:
+    """One micro-batch of next-item training, every tensor on the engine's device. Item
+    positions are rows of ``items.item_ids``, so each item is embedded once per step."""
+
+    items: ItemInputs
+    window_rows: torch.Tensor  # (B, L + 1) long: the users' windows, right-padded
+    time_gaps: torch.Tensor  # (B, L + 1) float seconds, -1 unknown
+    negative_rows: torch.Tensor  # (S,) long: the uniform negatives
+    log_q: torch.Tensor | None = None  # (R + S,) logQ of [positives, negatives]
+    bce_user: torch.Tensor | None = None  # (P,) long: batch row of each labelled row
+    bce_position: torch.Tensor | None = None  # (P,) long: window slot of the state scoring it
+    bce_item_rows: torch.Tensor | None = None  # (P,) long: the labelled item
+    bce_labels: torch.Tensor | None = None  # (P,) float in [0, 1]
+
+
+class NextItemObjective(Recommender):
+    """A ``Recommender`` whose ``forward`` is the training loss: sampled softmax over in-batch
+    + uniform negatives at every window position (history items masked as negatives), plus
+    ``bce_weight`` × BCE on labelled rows when ``bce_weight`` > 0.
+
+    Every rank makes the same module calls whatever its batch holds (the BCE term is computed
+    on a dummy row and zeroed when a rank has no labelled rows), because ZeRO-3 gathers a
+    module's weights with a collective on first use."""
+
+    def __init__(self, item_tower, user_tower, head, bce_weight: float = 0.0):
+        super().__init__(item_tower, user_tower, head)
+        self.bce_weight = bce_weight
+
+    def embed(self, inputs: ItemInputs) -> torch.Tensor:
+        """(K, D) embeddings of the step's items."""
+        tower = self.item_tower
+        if isinstance(tower, IDOnlyItemTower):
+            return tower(inputs.item_ids)
+        if inputs.content is not None:
+            # from_cache's rows, already gathered by the trainer (only built for frozen encoders)
+            return tower.combine(inputs.content, inputs.item_ids, inputs.id_mask)
+        return tower(
+            inputs.clips,
+            inputs.clip_mask,
+            inputs.input_ids,
+            inputs.attention_mask,
+            inputs.text_mask,
+            item_ids=inputs.item_ids,
+            id_mask=inputs.id_mask,
+        )
+
+    def forward(self, batch: NextItemBatch) -> dict[str, torch.Tensor]:
+        items = self.embed(batch.items)  # (K, D)
+        window_ids = batch.items.item_ids[batch.window_rows]  # (B, L + 1)
+        windows = items[batch.window_rows]  # (B, L + 1, D)
+        inputs, targets = window_ids[:, :-1], window_ids[:, 1:]  # (B, L)
+        states = self.user_tower(
+            windows[:, :-1], inputs != PAD_ID, batch.time_gaps[:, :-1]
+        )  # (B, L, D)
+        rows = (targets != PAD_ID).flatten()  # (B·L,)
+        length = inputs.shape[1]
+        users = torch.arange(len(window_ids), device=rows.device)
+        softmax = sampled_softmax_loss(
+            states.flatten(0, 1)[rows],
+            targets.flatten()[rows],
+            windows[:, 1:].flatten(0, 1)[rows],
+            batch.items.item_ids[batch.negative_rows],
+            items[batch.negative_rows],
+            self.head,
+            candidate_log_q=batch.log_q,
+            history_ids=window_ids,
+            history_index=users.repeat_interleave(length)[rows],
+        )
+        losses = {"loss_softmax": softmax, "loss": softmax}
+        if self.bce_weight > 0:
+            losses["loss_bce"] = bce = self._bce(batch, states, items)
+            losses["loss"] = softmax + self.bce_weight * bce
+        return losses
+
+    def _bce(self, batch: NextItemBatch, states: torch.Tensor, items: torch.Tensor):
+        if batch.bce_labels is None or len(batch.bce_labels) == 0:
+            # same head calls as a rank with rows (ZeRO-3), zero loss still in the graph
+            dummy = pointwise_bce_loss(states[:1, 0], items[:1], states.new_zeros(1), self.head)
+            return dummy * 0
+        return pointwise_bce_loss(
+            states[batch.bce_user, batch.bce_position],
+            items[batch.bce_item_rows],
+            batch.bce_labels,
+            self.head,
+        )
