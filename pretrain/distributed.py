@@ -88,6 +88,18 @@ def init_distributed() -> World:
     return world
 
 
+def shutdown() -> None:
+    """End the process group through DeepSpeed, which also forgets the groups it cached: a
+    process that starts a new group afterwards (one test module after another) would otherwise
+    be handed the dead ones ("Group ... is not registered")."""
+    import deepspeed.comm
+
+    if deepspeed.comm.is_initialized():
+        deepspeed.comm.destroy_process_group()
+    elif dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from conftest import CONFIGS
 from mlflow import MlflowClient
 
 from data_shards.reader import ReaderConfig, build_loader
 from pretrain.config import load_pretrain_config
-from pretrain.distributed import World, init_distributed
+from pretrain.distributed import World, init_distributed, shutdown
 from pretrain.evaluate import retrieval_metrics
 from pretrain.train import Pretrainer
 
@@ -35,8 +34,7 @@ def world():
     try:
         yield init_distributed()
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown()
         # DeepSpeed's CPU all-reduce segment, which it never unlinks
         port = os.environ.get("MASTER_PORT")
         pattern = f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*"
