@@ -651,22 +651,10 @@ class Finetuner:
                 self.tracker.log_artifact(self.output_dir / name, "config")
 
     def save(self) -> None:
-        self.state.tracking_run_id = (
-            broadcast_object(self.tracker.run_id) or self.state.tracking_run_id
-        )
-        trainer_state = {
-            "train_state": vars(self.state) | {},
-            "rng": checkpoint.rng_state(self.generator),
-        }
-        checkpoint.save(
-            self.engine,
-            self.output_dir,
-            self.state.step,
-            self.world,
-            trainer_state,
-            self.resolved,
-            self.config.train.keep_last,
-        )
+        checkpoint.save_training(
+            self.engine, self.output_dir, self.state, self.generator, self.tracker, self.world,
+            self.resolved, self.config.train.keep_last,
+        )  # fmt: skip
 
     # ----------------------------------------------------------------------------- fit
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from data_shards.atomic import atomic_write_text
-from pretrain.distributed import World, barrier
+from pretrain.distributed import World, barrier, broadcast_object
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,20 @@ def save(
     barrier()
     log.info("checkpoint %s saved", tag)
     return tag
+
+
+def save_training(
+    engine, output_dir, state, generator, tracker, world: World, resolved_config, keep_last: int
+) -> str:
+    """``save`` for a training stage: its ``state`` dataclass (step, reader position, MLflow run
+    id ...) and the RNG states become this rank's trainer state.
+
+    The tracker creates its run in the background: when that outlasted ``start()``'s wait (a
+    slow store, a server down at start), the id is known only now. Without it here a resumed
+    job would start a second MLflow run."""
+    state.tracking_run_id = broadcast_object(tracker.run_id) or state.tracking_run_id
+    trainer_state = {"train_state": vars(state) | {}, "rng": rng_state(generator)}
+    return save(engine, output_dir, state.step, world, trainer_state, resolved_config, keep_last)
 
 
 def load(

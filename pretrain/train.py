@@ -380,25 +380,10 @@ class Pretrainer:
 
     def save(self) -> None:
         self.state.reader = self.reader.state_dict()
-        # The tracker creates its run in the background: when that outlasted start()'s wait
-        # (a slow store, a server down at start), the id is known only now. Without it here a
-        # resumed job would start a second MLflow run.
-        self.state.tracking_run_id = (
-            broadcast_object(self.tracker.run_id) or self.state.tracking_run_id
-        )
-        trainer_state = {
-            "train_state": vars(self.state) | {},
-            "rng": checkpoint.rng_state(self.generator),
-        }
-        checkpoint.save(
-            self.engine,
-            self.output_dir,
-            self.state.step,
-            self.world,
-            trainer_state,
-            self.resolved,
-            self.config.train.keep_last,
-        )
+        checkpoint.save_training(
+            self.engine, self.output_dir, self.state, self.generator, self.tracker, self.world,
+            self.resolved, self.config.train.keep_last,
+        )  # fmt: skip
 
     # ----------------------------------------------------------------------------- fit
 
