@@ -26,11 +26,17 @@ def add_parser(commands) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pretrain.config import ConfigError, deepspeed_config, load_pretrain_config, to_dict
+    from pretrain.config import (
+        ConfigError,
+        deepspeed_config,
+        load_pretrain_config,
+        model_width,
+        to_dict,
+    )
 
     try:
         config = load_pretrain_config(args.config, args.overrides)
-        ds_config = deepspeed_config(config, args.world_size)
+        ds_config = deepspeed_config(config, args.world_size, model_width(config))
         model_config = config.model.build_config()
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"vidrec pretrain: {err}", file=sys.stderr)

@@ -25,7 +25,13 @@ from data_shards.atomic import atomic_write_text
 from data_shards.reader import ReaderConfig, build_loader
 from data_shards.text import load_tokenizer, resolve_text_model_dir
 from pretrain import checkpoint
-from pretrain.config import PretrainConfig, deepspeed_config, resolve_precision, to_dict
+from pretrain.config import (
+    PretrainConfig,
+    deepspeed_config,
+    model_width,
+    resolve_precision,
+    to_dict,
+)
 from pretrain.distributed import (
     World,
     all_gather_objects,
@@ -157,7 +163,7 @@ class Pretrainer:
 
         self.model_config = model.config
         optimizer, scheduler = build_optimizer(model, config)
-        self.ds_config = deepspeed_config(config, world.world_size)
+        self.ds_config = deepspeed_config(config, world.world_size, model_width(config))
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
         )

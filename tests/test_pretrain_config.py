@@ -12,6 +12,7 @@ from pretrain.config import (
     deepspeed_config,
     from_dict,
     load_pretrain_config,
+    model_width,
     to_dict,
 )
 from pretrain.model import VideoTextModel
@@ -41,6 +42,20 @@ def test_every_shipped_preset_loads_and_builds(preset):
     assert ds["zero_optimization"]["stage"] == config.parallel.zero_stage
     # The round trip through plain dicts is lossless (what checkpoints and MLflow store).
     assert from_dict(PretrainConfig, to_dict(config)) == config
+
+
+def test_zero_buffers_follow_the_model_width():
+    """ZeRO's buckets are h² of the widest tower (h = 384 in the small preset), not fixed sizes
+    that would dwarf a small model; without a width the fixed 5e7 elements remain."""
+    config = load_pretrain_config(CONFIGS / "small.yaml", ["parallel.zero_stage=3"])
+    width = model_width(config)
+    assert width == 384
+    zero = deepspeed_config(config, world_size=2, width=width)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 384 * 384
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 384 * 384)
+    assert zero["stage3_param_persistence_threshold"] == 3840
+    fixed = deepspeed_config(config, world_size=2)["zero_optimization"]
+    assert fixed["reduce_bucket_size"] == 5e7 and "stage3_prefetch_bucket_size" not in fixed
 
 
 def test_overrides_parse_as_yaml_and_reach_nested_fields():
