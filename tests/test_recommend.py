@@ -142,8 +142,8 @@ def test_a_zero0_run_with_trained_encoder_blocks_exports_its_live_item_table(
     tmp_path,
 ):
     """ZeRO-0 keeps module weights rather than fp32 partitions; top_k mode embeds items from
-    the clip store rather than the content cache: the export must follow both. (ZeRO-3 is not
-    tested here: the trainer's head is called outside forward, which ZeRO-3 does not gather.)"""
+    the clip store rather than the content cache: the export must follow both. (A ZeRO-3
+    export is checked by tests/test_finetune_distributed.py, from a 2-rank run.)"""
     config = tiny(
         synthetic_shards, tmp_path / "run", "parallel.zero_stage=0", "encoder.mode=top_k",
         "train.steps=3", "baselines.id_sasrec=false", "baselines.popularity=false",
