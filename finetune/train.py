@@ -246,7 +246,10 @@ class Finetuner:
         self.times_by_row = np.zeros(int(self.data.row.max()) + 1)
         self.times_by_row[self.data.row] = self.data.timestamp
         self.train_sequences = self.data.train_sequences()
+        # per item of the training sequences, once: a step cuts windows out of it
+        self.train_times = self.times_by_row[self.train_sequences.rows]
         self.popularity = self.data.popularity()  # (N + 1,)
+        self.popularity_probability = torch.from_numpy(self.popularity / self.popularity.sum())
         self.warm = torch.from_numpy(self.popularity > 0)  # (N + 1,) items seen in training
         self.warm_ids = torch.nonzero(self.warm).squeeze(1)
 
@@ -385,8 +388,7 @@ class Finetuner:
         (when ``loss.bce_weight`` > 0), as plain tensors for ``NextItemObjective``."""
         config, device = self.config, self.world.device
         length = config.data.max_history_length
-        times = self.times_by_row[self.train_sequences.rows]
-        window = _windows(self.train_sequences, times, users, length + 1)  # (B, L + 1)
+        window = _windows(self.train_sequences, self.train_times, users, length + 1)  # (B, L + 1)
         num_negatives = config.loss.uniform_negatives
         draws = torch.randint(len(self.warm_ids), (num_negatives,), generator=self.generator)
         negatives = self.warm_ids[draws]  # (S,)
@@ -406,10 +408,9 @@ class Finetuner:
         if config.loss.logq:
             targets = window.items[:, 1:]
             positive_ids = targets[targets != PAD_ID]  # (R,), row-major like the loss rows
-            probability = torch.from_numpy(self.popularity / self.popularity.sum())
             batch.log_q = mixed_sampling_log_q(
                 torch.cat([positive_ids, negatives]),
-                probability,
+                self.popularity_probability,
                 batch_size=len(positive_ids),
                 num_uniform=num_negatives,
                 num_items=len(self.warm_ids),
@@ -612,17 +613,12 @@ class Finetuner:
     # ----------------------------------------------------------------------------- checkpoints
 
     def resume_or_start(self) -> None:
-        directory = checkpoint.checkpoint_dir(self.output_dir)
-        tag = checkpoint.latest_tag(directory)
-        if tag is not None:
-            saved = json.loads((directory / tag / "config.json").read_text())["config"]
-            for section in ("encoder", "data"):
-                if saved.get(section) != self.resolved[section]:
-                    raise RuntimeError(
-                        f"the output directory holds checkpoints of a run with another "
-                        f"{section} section; use another train.output_dir"
-                    )
-        state = checkpoint.load(self.engine, self.output_dir, self.world, self.resolved)
+        # other encoders or other data make the content cache, the item table and the
+        # sampler's position meaningless, beside what pretraining refuses
+        incompatible = (*checkpoint.INCOMPATIBLE_FIELDS, "encoder", "data")
+        state = checkpoint.load(
+            self.engine, self.output_dir, self.world, self.resolved, incompatible
+        )
         if state is not None:
             self.state = TrainState(**state["train_state"])
             checkpoint.restore_rng(state["rng"], self.generator)

@@ -80,11 +80,17 @@ def _differences(saved: Any, current: Any, path: str) -> list[tuple[str, Any, An
     return [] if saved == current else [(path, saved, current)]
 
 
-def check_compatible(saved: dict[str, Any], current: dict[str, Any], world: World) -> None:
-    """Refuse to resume when the checkpoint cannot hold the current run's state."""
+def check_compatible(
+    saved: dict[str, Any],
+    current: dict[str, Any],
+    world: World,
+    fields: tuple[str, ...] = INCOMPATIBLE_FIELDS,
+) -> None:
+    """Refuse to resume when the checkpoint cannot hold the current run's state (``fields``:
+    the config paths whose change makes it unusable)."""
     problems = [
         f"{path}: checkpoint has {old!r}, this run has {new!r}"
-        for name in INCOMPATIBLE_FIELDS
+        for name in fields
         for path, old, new in _differences(_get(saved["config"], name), _get(current, name), name)
     ]
     zero_stage = _get(current, "parallel.zero_stage")
@@ -147,7 +153,11 @@ def save_training(
 
 
 def load(
-    engine, output_dir: str | Path, world: World, resolved_config: dict[str, Any]
+    engine,
+    output_dir: str | Path,
+    world: World,
+    resolved_config: dict[str, Any],
+    incompatible_fields: tuple[str, ...] = INCOMPATIBLE_FIELDS,
 ) -> dict[str, Any] | None:
     """Resume from the latest complete checkpoint: this rank's trainer state, or None."""
     directory = checkpoint_dir(output_dir)
@@ -155,7 +165,7 @@ def load(
     if tag is None:
         return None
     saved = json.loads((directory / tag / "config.json").read_text())
-    check_compatible(saved, resolved_config, world)
+    check_compatible(saved, resolved_config, world, incompatible_fields)
     load_path, _ = engine.load_checkpoint(
         str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
     )

@@ -244,3 +244,27 @@ def test_zero3_trains_and_evaluates_like_zero2(world, synthetic_shards, tmp_path
                 assert results3["metrics"]["test"][model][group][metric] == pytest.approx(
                     results2["metrics"]["test"][model][group][metric], abs=1e-4
                 )
+
+
+def test_a_checkpoint_of_other_data_or_encoders_is_refused_naming_the_field():
+    """Finetuning refuses, beside what pretraining refuses, a checkpoint whose data or
+    encoder settings differ: its content cache, item table and sampler position would not fit."""
+    from pretrain import checkpoint
+    from pretrain.distributed import World
+
+    fields = (*checkpoint.INCOMPATIBLE_FIELDS, "encoder", "data")
+    current = {
+        "model": {"dim": 32},
+        "parallel": {"zero_stage": 0, "precision": "fp32"},
+        "encoder": {"export_dir": "enc", "mode": "frozen"},
+        "data": {"interactions": "b.csv"},
+    }
+    saved = {"config": json.loads(json.dumps(current)), "world_size": 1}
+    one_rank = World(0, 1, 0, torch.device("cpu"))
+    checkpoint.check_compatible(saved, current, one_rank, fields)  # identical: accepted
+    saved["config"]["data"]["interactions"] = "a.csv"
+    saved["config"]["encoder"]["mode"] = "full"
+    with pytest.raises(RuntimeError) as refused:
+        checkpoint.check_compatible(saved, current, one_rank, fields)
+    assert "data.interactions: checkpoint has 'a.csv'" in str(refused.value)
+    assert "encoder.mode: checkpoint has 'full'" in str(refused.value)
