@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import time
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -204,10 +203,8 @@ def build_engine(module: torch.nn.Module, config: FinetuneConfig, world: World, 
     for group in groups:
         group["weight_decay"] = optim.weight_decay if group.pop("decay") else 0.0
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=optim.betas, eps=optim.eps)
-    schedule = types.SimpleNamespace(
-        optimizer=optim, train=types.SimpleNamespace(steps=steps)
-    )  # pretrain's warmup + cosine, over this engine's own step count
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(schedule))
+    # pretrain's warmup + cosine, over this engine's own step count
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, steps))
     engine, _, _, scheduler = deepspeed.initialize(
         model=module,
         optimizer=optimizer,

@@ -26,6 +26,7 @@ from data_shards.reader import ReaderConfig, build_loader
 from data_shards.text import load_tokenizer, resolve_text_model_dir
 from pretrain import checkpoint
 from pretrain.config import (
+    OptimizerSettings,
     PretrainConfig,
     deepspeed_config,
     model_width,
@@ -97,10 +98,10 @@ def parameter_groups(model: VideoTextModel, config: PretrainConfig) -> list[dict
     ]
 
 
-def lr_lambda(config: PretrainConfig):
-    """Linear warmup, then cosine decay to ``min_lr_ratio`` at the last step."""
-    warmup, total = config.optimizer.warmup_steps, config.train.steps
-    floor = config.optimizer.min_lr_ratio
+def lr_lambda(optimizer: OptimizerSettings, steps: int):
+    """Linear warmup, then cosine decay to ``min_lr_ratio`` at step ``steps``."""
+    warmup, total = optimizer.warmup_steps, steps
+    floor = optimizer.min_lr_ratio
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -120,7 +121,9 @@ def build_optimizer(model, config: PretrainConfig):
         optimizer = DeepSpeedCPUAdam(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps)
     else:
         optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(config.optimizer, config.train.steps)
+    )
     return optimizer, scheduler
 
 
