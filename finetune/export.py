@@ -16,10 +16,11 @@ so ``load_export`` and stock ``AutoModel`` keep working on it, plus::
       finetune.json                           resolved finetune config, provenance, metrics.json
 
 Each component's ``config`` in ``export_info.json`` holds the constructor arguments of its
-module, so loading needs neither the finetune config nor the training data. The item table is
-computed once at export time from the cached content (frozen encoders) or the run's clip store
-(encoders that trained), exactly as the trainer's ``item_table`` does; a serving process then
-scores users against it with one matmul and embeds only genuinely new items.
+module, so loading needs neither the finetune config nor the training data. Modules are built
+by ``finetune.recommender`` and the item table is computed once at export time from the cached
+content (frozen encoders) or the run's clip store (encoders that trained) through
+``finetune.item_source``, as training does; a serving process then scores users against it
+with one matmul and embeds only genuinely new items.
 
 ``load_recommender`` reads it back (or builds the same object straight from a finetune output
 dir with ``build_recommender``) after checks whose errors name the component, file or tensor.
@@ -30,17 +31,28 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from data_shards.atomic import atomic_write_text
-from finetune.model import PAD_ID, ItemTower, RankingHead, Recommender, UserTower
+from data_shards.text import load_tokenizer, resolve_text_model_dir
+from finetune.batches import history_windows
+from finetune.config import ConfigError, FinetuneConfig
+from finetune.interactions import load_interactions, read_catalogue, read_cold_items
+from finetune.item_content import (
+    CACHE_FILE,
+    read_clip_store,
+    read_content_cache,
+    tokenize_catalogue,
+)
+from finetune.item_source import ItemSource
+from finetune.model import PAD_ID, Recommender
+from finetune.recommender import RecommenderSpec, build_model, load_encoder
+from pretrain.config import from_dict
 from pretrain.export import (
     CARD_FILE,
     DEFAULT_MAX_SHARD_SIZE,
@@ -129,27 +141,12 @@ class ExportedRecommender:
         """(U, D) state after each history (item rows, oldest first), windowed to the last L
         items exactly as training and evaluation window them. ``timestamps`` (seconds, one per
         item) feed the time-gap embeddings; None → gaps unknown."""
-        length = self.max_history_length
-        items = torch.zeros(len(histories), length, dtype=torch.long)  # (U, L)
-        stamps = torch.full((len(histories), length), math.inf, dtype=torch.float64)
-        for row, history in enumerate(histories):
-            window = list(history)[-length:]
-            if window:
-                items[row, : len(window)] = torch.as_tensor(window, dtype=torch.long)
-            times = timestamps[row] if timestamps is not None else None
-            if times is not None and len(times):
-                if len(times) != len(history):
-                    raise ValueError(f"history {row}: {len(history)} items, {len(times)} times")
-                stamps[row, : len(window)] = torch.as_tensor(
-                    list(times)[-length:], dtype=torch.float64
-                )
-        gaps = torch.full_like(stamps, -1.0)
-        gaps[:, 1:] = stamps[:, 1:] - stamps[:, :-1]  # inf - inf = nan at padding
-        gaps[~torch.isfinite(gaps)] = -1.0  # unknown: the first slot, padding, missing times
-        mask = items != PAD_ID
+        window = history_windows(histories, timestamps, self.max_history_length)
         device = self.device
         return self.model.last_user_states(
-            self.item_embeddings[items.to(device)], mask.to(device), gaps.float().to(device)
+            self.item_embeddings[window.items.to(device)],
+            (window.items != PAD_ID).to(device),
+            window.time_gaps.to(device),
         )
 
     @torch.no_grad()
@@ -225,34 +222,6 @@ def _module_config(module: torch.nn.Module, kind: str, dim: int) -> dict[str, An
     raise ValueError(kind)
 
 
-def _head_from_config(config: Mapping[str, Any], dim: int) -> RankingHead:
-    # The temperature only initializes the (stored) log scale; any valid value will do.
-    return RankingHead(
-        dim,
-        config["kind"],
-        temperature=1 / min(20.0, config["max_logit_scale"]),
-        learn_temperature=config["learn_temperature"],
-        max_logit_scale=config["max_logit_scale"],
-        normalize=config["normalize"],
-        mlp_hidden=config["mlp_hidden"],
-    )
-
-
-def _encoder_model_config(encoder_settings):
-    """The ``VideoTextConfig`` of the encoders a finetune run started from (the weights come
-    from the finetune checkpoint; only the architecture is read here)."""
-    from pretrain.config import PretrainConfig, from_dict
-    from pretrain.model import VideoTextConfig
-
-    if encoder_settings.export_dir:
-        return VideoTextConfig.from_pretrained(encoder_settings.export_dir)
-    if encoder_settings.pretrain_dir:
-        tag_dir = resolve_tag_dir(encoder_settings.pretrain_dir)
-        run = json.loads((tag_dir / "config.json").read_text())
-        return from_dict(PretrainConfig, run["config"]).model.build_config()
-    return encoder_settings.random_model.build_config()
-
-
 def is_finetune_checkpoint(checkpoint: str | Path, tag: str | None = None) -> bool:
     """Whether ``checkpoint`` (output dir, checkpoints/ dir or tag dir) is a finetune run's:
     its tag's ``config.json`` has the finetune sections. False when it is not a checkpoint."""
@@ -278,20 +247,6 @@ class _Built:
 
 
 def _build(output_dir: str | Path, tag: str | None = None) -> _Built:
-    from data_shards.text import load_tokenizer, resolve_text_model_dir
-    from finetune.config import ConfigError, FinetuneConfig
-    from finetune.interactions import load_interactions, read_catalogue, read_cold_items
-    from finetune.item_content import (
-        CACHE_FILE,
-        CLIP_STORE_FILE,
-        CLIP_STORE_META,
-        ClipStore,
-        tokenize_catalogue,
-    )
-    from finetune.model import ContentEmbeddings
-    from pretrain.config import from_dict
-    from pretrain.model import VideoTextModel
-
     consolidated = consolidate_checkpoint(output_dir, tag)
     run_config = consolidated.run.get("config") or {}
     if not {"encoder", "loss", "baselines"} <= set(run_config):
@@ -319,71 +274,35 @@ def _build(output_dir: str | Path, tag: str | None = None) -> _Built:
     warm = torch.from_numpy(data.popularity() > 0)  # (N + 1,)
     cold = torch.from_numpy(data.cold_items.copy())  # (N + 1,)
 
-    # --- the modules, exactly as Finetuner builds them, then the checkpoint's weights
-    model_config = _encoder_model_config(config.encoder)
-    encoder = VideoTextModel(model_config)
-    dim = config.model.dim or model_config.embed_dim
-    item_tower = ItemTower(encoder, dim, num_items if config.model.id_embeddings else 0)
-    user_tower = UserTower(
-        dim,
-        config.model.user_layers,
-        config.model.user_heads,
-        max_length=settings.max_history_length,
-        dropout=config.model.dropout,
-        num_time_buckets=config.model.time_buckets if config.model.time_gaps else 0,
-    )
-    head = RankingHead(dim, config.model.head, config.model.temperature)
-    model = Recommender(item_tower, user_tower, head)
+    # --- the modules, as training builds them, then the checkpoint's weights
+    encoder, _ = load_encoder(config.encoder, weights=False)
+    model_config = encoder.config
+    spec = RecommenderSpec.from_config(config, model_config.embed_dim, num_items)
+    model = build_model(replace(spec, trainable_encoder_layers=0), encoder)  # inference
     _load_strict(model, consolidated.state_dict, str(consolidated.tag_dir))
     encoder.tie_weights()
-    item_tower.freeze_encoders()  # inference: no grads, encoders in eval mode
     model.eval().requires_grad_(False)
 
-    # --- every catalogue item through the item tower, as Finetuner.item_table does
+    # --- every catalogue item through the item tower, as training's evaluation embeds them
     tokenizer = load_tokenizer(resolve_text_model_dir(model_config.text_model_dir))
-    ids = torch.arange(num_items + 1)
-    id_mask = warm & (ids != PAD_ID)
-    if config.encoder.mode == "frozen":
-        cache_path = run_dir / CACHE_FILE
-        if not cache_path.is_file():
-            raise ExportError(f"{cache_path} is missing: the item content cache of the run")
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(cache_path))
-        cache = ContentEmbeddings(
-            tensors["video"], tensors["text"],
-            tensors["video_mask"].bool(), tensors["text_mask"].bool(),
-        )  # fmt: skip
-        if len(cache.video) != num_items + 1:
-            raise ExportError(
-                f"{cache_path}: {len(cache.video) - 1} items, the catalogue has {num_items}"
-            )
-        with torch.no_grad():
-            table = torch.cat(
-                [item_tower.from_cache(cache, part, id_mask[part]) for part in ids.split(65_536)]
-            )
-    else:
-        store_path, meta_path = run_dir / CLIP_STORE_FILE, run_dir / CLIP_STORE_META
-        if not (store_path.is_file() and meta_path.is_file()):
-            raise ExportError(f"{store_path} is missing: the clip store of the run")
-        store = ClipStore(store_path, np.asarray(json.loads(meta_path.read_text())["has_clip"]))
-        texts = tokenize_catalogue(catalogue, tokenizer, settings.max_text_length)
-        parts = []
-        with torch.no_grad():
-            for part in ids.split(settings.content_batch_size):
-                clips, clip_mask = store.get(part)
-                parts.append(
-                    item_tower(
-                        clips,
-                        clip_mask,
-                        texts.input_ids[part],
-                        texts.attention_mask[part],
-                        texts.text_mask[part],
-                        item_ids=part,
-                        id_mask=id_mask[part],
-                    )  # fmt: skip
+    items = ItemSource(warm, content_batch_size=settings.content_batch_size)
+    try:
+        if config.encoder.mode == "frozen":
+            cache_path = run_dir / CACHE_FILE
+            if not cache_path.is_file():
+                raise ExportError(f"{cache_path} is missing: the item content cache of the run")
+            items.cache = read_content_cache(cache_path)
+            if len(items.cache.video) != num_items + 1:
+                raise ExportError(
+                    f"{cache_path}: {len(items.cache.video) - 1} items, the catalogue has "
+                    f"{num_items}"
                 )
-        table = torch.cat(parts)
+        else:
+            items.clips = read_clip_store(run_dir)
+            items.texts = tokenize_catalogue(catalogue, tokenizer, settings.max_text_length)
+    except FileNotFoundError as err:
+        raise ExportError(str(err)) from err
+    table = items.table(model.item_tower, torch.device("cpu"))
 
     video = model_config.video_config
     shard_settings = {}
@@ -627,33 +546,27 @@ def load_recommender(
         raise ExportError(f"{catalogue_path}: content differs from the export (sha256 mismatch)")
     item_ids = json.loads(catalogue_path.read_text())["item_ids"]
 
-    tower_config = parts[ITEM_TOWER].config
-    dim = int(tower_config["dim"])
-    item_tower = ItemTower(exported.model, dim, int(tower_config["num_item_ids"]))
-    where = f"{directory}/components/{ITEM_TOWER}.safetensors"
-    own = {k: v for k, v in item_tower.state_dict().items() if not k.startswith("encoder.")}
+    spec = RecommenderSpec.from_components({name: parts[name].config for name in COMPONENTS})
+    dim = spec.dim
+    user_dim = parts[USER_TOWER].config.get("dim")
+    if user_dim != dim:
+        raise ExportError(f"{directory}: user tower dim {user_dim} != item tower dim {dim}")
+    model = build_model(spec, exported.model)
+    tower = parts[ITEM_TOWER].tensors
+    own = {k: v for k, v in model.item_tower.state_dict().items() if not k.startswith("encoder.")}
     problems = [
-        f"tensor {k} has shape {list(parts[ITEM_TOWER].tensors[k].shape)}, expected {list(v.shape)}"
+        f"tensor {k} has shape {list(tower[k].shape)}, expected {list(v.shape)}"
         for k, v in own.items()
-        if k in parts[ITEM_TOWER].tensors and parts[ITEM_TOWER].tensors[k].shape != v.shape
+        if k in tower and tower[k].shape != v.shape
     ]
-    problems += [f"tensor {k} is missing" for k in own if k not in parts[ITEM_TOWER].tensors]
-    problems += [f"unexpected tensor {k}" for k in set(parts[ITEM_TOWER].tensors) - set(own)]
+    problems += [f"tensor {k} is missing" for k in own if k not in tower]
+    problems += [f"unexpected tensor {k}" for k in set(tower) - set(own)]
     if problems:
+        where = f"{directory}/components/{ITEM_TOWER}.safetensors"
         raise ExportError(f"{where}: " + "; ".join(problems))
-    item_tower.load_state_dict(parts[ITEM_TOWER].tensors, strict=False)
-
-    user_config = dict(parts[USER_TOWER].config)
-    if user_config.get("dim") != dim:
-        raise ExportError(
-            f"{directory}: user tower dim {user_config.get('dim')} != item tower dim {dim}"
-        )
-    user_tower = UserTower(**user_config)
-    _load_strict(
-        user_tower, parts[USER_TOWER].tensors, f"{directory}/components/{USER_TOWER}.safetensors"
-    )
-    head = _head_from_config(parts[HEAD].config, dim)
-    _load_strict(head, parts[HEAD].tensors, f"{directory}/components/{HEAD}.safetensors")
+    model.item_tower.load_state_dict(tower, strict=False)
+    for name, module in ((USER_TOWER, model.user_tower), (HEAD, model.head)):
+        _load_strict(module, parts[name].tensors, f"{directory}/components/{name}.safetensors")
 
     table = parts[ITEMS].tensors["item_embeddings"]
     where = f"{directory}/components/{ITEMS}.safetensors"
@@ -671,8 +584,6 @@ def load_recommender(
             raise ExportError(f"{where}: tensor {name} has shape {shape}, expected {expected[:1]}")
         flags[name] = flag.bool()
 
-    model = Recommender(item_tower, user_tower, head)
-    item_tower.freeze_encoders()
     model.eval().requires_grad_(False)
     finetune = json.loads((directory / FINETUNE_FILE).read_text())
     recommender = ExportedRecommender(

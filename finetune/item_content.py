@@ -254,6 +254,14 @@ def compute_content(
     return content
 
 
+def read_content_cache(path: str | Path) -> ContentEmbeddings:
+    """The content cache written by ``load_or_compute_content`` (no fingerprint check)."""
+    tensors = load_file(str(path))
+    return ContentEmbeddings(
+        tensors["video"], tensors["text"], tensors["video_mask"].bool(), tensors["text_mask"].bool()
+    )
+
+
 def load_or_compute_content(
     path: str | Path,
     encoder: VideoTextModel,
@@ -279,14 +287,8 @@ def load_or_compute_content(
         if not reuse:
             log.info("content cache %s is stale (encoder or catalogue changed)", path)
     if broadcast_object(reuse):
-        tensors = load_file(str(path))
         log.info("content cache %s reused", path)
-        return ContentEmbeddings(
-            tensors["video"],
-            tensors["text"],
-            tensors["video_mask"].bool(),
-            tensors["text_mask"].bool(),
-        )
+        return read_content_cache(path)
     content = compute_content(
         encoder,
         texts,
@@ -332,6 +334,16 @@ class ClipStore:
         ids = item_ids.cpu().numpy()
         clips = torch.from_numpy(np.ascontiguousarray(self.clips[ids]))
         return clips[:, None], self.has_clip[item_ids.cpu()][:, None]
+
+
+def read_clip_store(output_dir: str | Path) -> ClipStore:
+    """The clip store ``build_clip_store`` left under ``output_dir``; FileNotFoundError naming
+    the missing file."""
+    path, meta_path = Path(output_dir) / CLIP_STORE_FILE, Path(output_dir) / CLIP_STORE_META
+    for required in (path, meta_path):
+        if not required.is_file():
+            raise FileNotFoundError(f"{required} is missing: the clip store of the run")
+    return ClipStore(path, np.asarray(json.loads(meta_path.read_text())["has_clip"], dtype=bool))
 
 
 def build_clip_store(

@@ -3,8 +3,8 @@
 Under ZeRO-3 the recommender's weights are partitioned over the ranks and exist whole only
 inside the engine's forward: every parameter the loss reads (item tower, user tower, ranking
 head) must be read there. ``NextItemObjective.forward`` therefore takes a ``NextItemBatch`` of
-plain tensors, prepared by the trainer (windows, negatives, logQ, labelled rows, item inputs),
-and returns the losses; the trainer calls ``engine(batch)``.
+plain tensors prepared outside it (``finetune.batches``) and returns the losses; the trainer
+calls ``engine(batch)``.
 
 ``NextItemObjective`` *is* a ``Recommender`` (a subclass that only adds the training
 forward), so its parameter names and state-dict keys are the recommender's: checkpoints and
@@ -20,28 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from finetune.model import (
-    PAD_ID,
-    ContentEmbeddings,
-    IDOnlyItemTower,
-    Recommender,
-    pointwise_bce_loss,
-    sampled_softmax_loss,
-)
-
-
-@dataclass
-class ItemInputs:
-    """What the item tower needs for the K items of a step; exactly one source is set."""
-
-    item_ids: torch.Tensor  # (K,) long, distinct, may include PAD_ID
-    id_mask: torch.Tensor | None = None  # (K,) bool, warm items (the hybrid tower's ID rows)
-    content: ContentEmbeddings | None = None  # fields (K, E) / (K,): the frozen-encoder cache
-    clips: torch.Tensor | None = None  # (K, Kc, T, C, H, W) uint8: live encoders
-    clip_mask: torch.Tensor | None = None  # (K, Kc) bool
-    input_ids: torch.Tensor | None = None  # (K, Lt)
-    attention_mask: torch.Tensor | None = None  # (K, Lt)
-    text_mask: torch.Tensor | None = None  # (K,) bool
+from finetune.item_source import ItemInputs, embed_items
+from finetune.model import PAD_ID, Recommender, pointwise_bce_loss, sampled_softmax_loss
 
 
 @dataclass
@@ -73,26 +53,8 @@ class NextItemObjective(Recommender):
         super().__init__(item_tower, user_tower, head)
         self.bce_weight = bce_weight
 
-    def embed(self, inputs: ItemInputs) -> torch.Tensor:
-        """(K, D) embeddings of the step's items."""
-        tower = self.item_tower
-        if isinstance(tower, IDOnlyItemTower):
-            return tower(inputs.item_ids)
-        if inputs.content is not None:
-            # from_cache's rows, already gathered by the trainer (only built for frozen encoders)
-            return tower.combine(inputs.content, inputs.item_ids, inputs.id_mask)
-        return tower(
-            inputs.clips,
-            inputs.clip_mask,
-            inputs.input_ids,
-            inputs.attention_mask,
-            inputs.text_mask,
-            item_ids=inputs.item_ids,
-            id_mask=inputs.id_mask,
-        )
-
     def forward(self, batch: NextItemBatch) -> dict[str, torch.Tensor]:
-        items = self.embed(batch.items)  # (K, D)
+        items = embed_items(self.item_tower, batch.items)  # (K, D)
         window_ids = batch.items.item_ids[batch.window_rows]  # (B, L + 1)
         windows = items[batch.window_rows]  # (B, L + 1, D)
         inputs, targets = window_ids[:, :-1], window_ids[:, 1:]  # (B, L)

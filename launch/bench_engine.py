@@ -175,6 +175,16 @@ def interleaved(steppers: dict[str, Any], batch, steps: int, rounds: int) -> dic
     }
 
 
+def trainer_step(trainer: Pretrainer):
+    """``trainer.train_step`` over the benchmark's batches instead of its reader's."""
+
+    def step(batches):
+        trainer.batches = batches
+        return trainer.train_step()
+
+    return step
+
+
 def with_allreduce(trainer: Pretrainer):
     """``train_step`` with DeepSpeed's gradient all-reduce switched back on (ZeRO 0 only): in
     a world of one it averages every gradient over one rank, at the cost of flattening all of
@@ -185,7 +195,7 @@ def with_allreduce(trainer: Pretrainer):
         previous = trainer.engine.enable_backward_allreduce
         trainer.engine.enable_backward_allreduce = True
         try:
-            return trainer.train_step(batches)
+            return trainer_step(trainer)(batches)
         finally:
             trainer.engine.enable_backward_allreduce = previous
 
@@ -207,7 +217,7 @@ def engine_overhead(preset: str, stages: list[int], args, workdir: Path) -> None
         f"micro-batch {batch_size}, fp32, world of 1 =="
     )
     steppers = {"bare PyTorch loop": bare.train_step}
-    steppers |= {f"engine, ZeRO {stage}": t.train_step for stage, t in trainers.items()}
+    steppers |= {f"engine, ZeRO {stage}": trainer_step(t) for stage, t in trainers.items()}
     if 0 in trainers:
         steppers["ZeRO 0 + all-reduce"] = with_allreduce(trainers[0])
     times = interleaved(steppers, batch, args.steps, args.rounds)
@@ -257,7 +267,7 @@ def masking_payoff(args, workdir: Path) -> None:
         f"\n== masking pay-off: {args.masking_preset} preset, micro-batch {batch_size}, fp32, "
         f"engine with ZeRO {args.masking_zero}, one optimizer step =="
     )
-    steppers = {name: t.train_step for name, t in trainers.items()}
+    steppers = {name: trainer_step(t) for name, t in trainers.items()}
     times = interleaved(steppers, batch, args.steps, args.rounds)
     for name, best in times.items():
         print(

@@ -146,7 +146,8 @@ class FixedUsers:
 
 
 def train_throughput(args, workdir: Path) -> None:
-    from finetune.train import Finetuner, TrainState
+    from finetune.batches import SamplerState
+    from finetune.train import Finetuner
     from pretrain.distributed import init_distributed
 
     world = init_distributed()  # a world of one rank, as a plain `vidrec finetune` runs
@@ -157,7 +158,7 @@ def train_throughput(args, workdir: Path) -> None:
         config = finetune_config(args.encoder, mode, data, workdir / f"out-{mode}", args)
         trainer = trainers[mode] = Finetuner(config, world)
         if users is None:  # the first batch the seeded sampler draws, for every mode
-            users = trainer.sampler.next(TrainState())
+            users = trainer.sampler.next(SamplerState())
         trainer.sampler = FixedUsers(users)
         trainer.engine.train()
         print(f"  built {mode:6s} Finetuner in {time.perf_counter() - started:5.1f} s", flush=True)

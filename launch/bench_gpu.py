@@ -106,10 +106,10 @@ def main() -> None:
     batch_size = config.parallel.micro_batch_size
     batch = synthetic_batch(config, trainer.tokenizer, batch_size)
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    batches = itertools.repeat(batch)
+    trainer.batches = itertools.repeat(batch)
     name, peak = peak_flops(device, args.peak_tflops)
     flops = flops_per_sample(trainer, batch)
-    parameters = trainer.model_config_parameters()
+    parameters = trainer.parameter_count()
     print(f"device: {name}; torch {torch.__version__}, deepspeed {deepspeed.__version__}")
     print(
         f"{args.preset} preset: {parameters / 1e6:.1f}M parameters, {precision}, "
@@ -123,13 +123,13 @@ def main() -> None:
             torch.cuda.synchronize(device)
 
     for _ in range(args.warmup):
-        trainer.train_step(batches)
+        trainer.train_step()
     synchronize()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     for _ in range(args.steps):
-        trainer.train_step(batches)
+        trainer.train_step()
     synchronize()
     elapsed = time.perf_counter() - started
     samples = args.steps * batch_size * config.parallel.grad_accum_steps

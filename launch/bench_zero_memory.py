@@ -181,7 +181,8 @@ def worker(args) -> None:
     engine, world = trainer.engine, trainer.world
     engine.train()
     batch = synthetic_batch(config, trainer.tokenizer, args.batch_size, seed=world.rank)
-    trainer.train_step(itertools.repeat(batch))  # AdamW's state is created lazily
+    trainer.batches = itertools.repeat(batch)
+    trainer.train_step()  # AdamW's state is created lazily
     # Second step, measured during backward (after each parameter's gradient lands: the ZeRO
     # 1/2 reduce bucket only lives then) and after it (before engine.step()).
     peak: dict[str, int] = {}

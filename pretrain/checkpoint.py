@@ -15,6 +15,7 @@ import json
 import logging
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,18 @@ log = logging.getLogger(__name__)
 LATEST = "latest"
 # Config fields whose change makes an existing checkpoint unusable (shapes or sharding differ).
 INCOMPATIBLE_FIELDS = ("model", "parallel.zero_stage", "parallel.precision")
+
+
+@dataclass
+class TrainState:
+    """What a rank saves beside the weights (its ``trainer_state_rank<r>.json``); a stage adds
+    its data position as fields."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    nonfinite_skipped: int = 0
+    nonfinite_streak: int = 0
+    tracking_run_id: str | None = None
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:

@@ -217,15 +217,28 @@ class DataSettings:
 
 
 @dataclass
-class ObjectiveSettings:
+class ObjectiveWeights:
+    """How much each objective counts in the total; 0 skips its computation entirely."""
+
     contrastive: float = 1.0
-    """Weight of the symmetric video-text InfoNCE over the global batch."""
+    """Symmetric video-text InfoNCE over the global batch."""
     masked_video: float = 1.0
-    """Weight of masked video modelling (norm-pixel regression of masked tubes)."""
+    """Pixel reconstruction of masked tubes (VideoMAE norm-pix loss)."""
     masked_language: float = 1.0
-    """Weight of video-conditioned masked language modelling."""
+    """Video-conditioned masked language modelling."""
     matching: float = 0.0
-    """Weight of video-text matching with hard negatives (needs ``model.matching_head``)."""
+    """Video-text matching (binary, hard negatives); needs ``model.matching_head``."""
+
+    def __post_init__(self):
+        for name in ("contrastive", "masked_video", "masked_language", "matching"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"objective weight {name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class ObjectiveSettings(ObjectiveWeights):
+    """The objectives' weights (``pretrain.objectives`` reads them as they are) and settings."""
+
     mask_ratio: float = 0.9
     """Share of video tubes hidden from the encoder."""
     mlm_probability: float = 0.15

@@ -7,7 +7,6 @@ world size from the caller; the only ``torch.distributed`` calls of the objectiv
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -15,27 +14,10 @@ import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import nn
 
+from pretrain.config import ObjectiveWeights
+
 IGNORE_INDEX = -100
 """Label value that ``F.cross_entropy`` skips (positions without an MLM target)."""
-
-
-@dataclass
-class ObjectiveWeights:
-    """How much each objective counts in the total; 0 skips its computation entirely."""
-
-    contrastive: float = 1.0
-    """Symmetric video-text InfoNCE over the global batch."""
-    masked_video: float = 1.0
-    """Pixel reconstruction of masked tubes (VideoMAE norm-pix loss)."""
-    masked_language: float = 1.0
-    """Video-conditioned masked language modelling."""
-    matching: float = 0.0
-    """Video-text matching (binary, hard negatives); needs ``use_matching_head``."""
-
-    def __post_init__(self):
-        for name, value in vars(self).items():
-            if value < 0:
-                raise ValueError(f"objective weight {name} must be >= 0, got {value}")
 
 
 def weighted_total(

@@ -100,19 +100,19 @@ def test_cached_content_equals_live_encoding(frozen_run, world, synthetic_shards
     )  # fmt: skip
     ids = torch.arange(1, trainer.num_items + 1)
     clips, clip_mask = store.get(ids)
-    texts = trainer.texts
+    texts = trainer.items.texts
     tower = trainer.engine.module.item_tower
     with torch.no_grad():
         live = tower.encode_content(
             clips, clip_mask, texts.input_ids[ids], texts.attention_mask[ids], texts.text_mask[ids]
         )
-    cached = trainer.cache[ids]
+    cached = trainer.items.cache[ids]
     # every synthetic item has exactly one 1.5 s clip, so the store holds all of its clips
     assert bool(cached.video_mask.all()) and torch.equal(live.video_mask, cached.video_mask)
     assert torch.equal(live.text_mask, cached.text_mask)
     torch.testing.assert_close(live.video, cached.video, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(live.text, cached.text, atol=1e-5, rtol=1e-4)
-    assert float(trainer.cache.video[PAD_ID].abs().sum()) == 0
+    assert float(trainer.items.cache.video[PAD_ID].abs().sum()) == 0
 
 
 def test_content_cache_is_reused_on_rerun(frozen_run, world):  # noqa: F811
@@ -120,7 +120,7 @@ def test_content_cache_is_reused_on_rerun(frozen_run, world):  # noqa: F811
     stamp = (output / "item_content.safetensors").stat().st_mtime_ns
     again = Finetuner(trainer.config, world)  # the same output dir and encoder
     assert (output / "item_content.safetensors").stat().st_mtime_ns == stamp
-    torch.testing.assert_close(again.cache.video, trainer.cache.video)
+    torch.testing.assert_close(again.items.cache.video, trainer.items.cache.video)
 
 
 def test_metrics_json_compares_models_on_warm_and_cold_targets(frozen_run):
@@ -166,7 +166,7 @@ def test_end_to_end_mode_learns_and_trains_the_top_blocks(world, synthetic_shard
         "loss.bce_weight=0.5",
     )  # fmt: skip
     trainer = Finetuner(config, world)
-    assert trainer.cache is None and (tmp_path / "e2e" / "item_clips.npy").is_file()
+    assert trainer.items.cache is None and (tmp_path / "e2e" / "item_clips.npy").is_file()
     before = encoder_weights(trainer)
     results = trainer.fit()
     losses = [entry["loss"] for entry in trainer.history]

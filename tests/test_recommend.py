@@ -41,8 +41,8 @@ class Live:
         module = trainer.engine.module
         module.eval()
         eval_set = trainer.data.eval_set("test")
-        self.items = trainer.item_table(module)  # (N + 1, D)
-        self.states = trainer.user_states(module, self.items, eval_set)  # (U, D)
+        self.items = trainer.items.table(module.item_tower, trainer.world.device)  # (N + 1, D)
+        self.states = trainer.evaluation.user_states(module, self.items, eval_set)  # (U, D)
         self.scores = module.head.score_all(self.states, self.items)  # (U, N + 1)
         ids, histories = trainer.data.catalogue.item_ids, eval_set.histories
         self.histories = []
@@ -52,7 +52,7 @@ class Live:
                 {
                     "user_id": trainer.data.user_ids[eval_set.users[user]],
                     "items": [ids[i - 1] for i in histories.items[start:stop]],
-                    "timestamps": trainer.times_by_row[histories.rows[start:stop]].tolist(),
+                    "timestamps": trainer.batcher.times_by_row[histories.rows[start:stop]].tolist(),
                 }
             )
 
@@ -154,7 +154,10 @@ def test_a_zero0_run_with_trained_encoder_blocks_exports_its_live_item_table(
     module.eval()
     built = build_recommender(trainer.output_dir)
     torch.testing.assert_close(
-        built.item_embeddings, trainer.item_table(module), atol=1e-5, rtol=1e-5
+        built.item_embeddings,
+        trainer.items.table(module.item_tower, trainer.world.device),
+        atol=1e-5,
+        rtol=1e-5,
     )
 
 

@@ -1,0 +1,194 @@
+"""Users' history windows and the micro-batches of next-item training.
+
+A window is the last W items of a user's history, right-padded with ``PAD_ID``; training,
+evaluation and serving all cut them with ``history_windows``, so a user state means the same
+thing everywhere. Shapes: B users, W window, S uniform negatives, R next-item rows, P labelled
+rows, K distinct items a step embeds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from finetune.config import LossSettings
+from finetune.interactions import InteractionData, Sequences
+from finetune.item_source import ItemSource
+from finetune.model import PAD_ID, mixed_sampling_log_q
+from finetune.objective import NextItemBatch
+from pretrain.checkpoint import TrainState
+from pretrain.distributed import World
+
+
+@dataclass
+class Windows:
+    """Padded item windows of some users: right-padded with ``PAD_ID``."""
+
+    items: torch.Tensor  # (B, W) long
+    time_gaps: torch.Tensor  # (B, W) float seconds since the previous item, -1 unknown
+    times: torch.Tensor  # (B, W) float64 timestamps, +inf at padding and where unknown
+
+
+def history_windows(
+    histories: Sequence[Sequence[int]],
+    times: Sequence[Sequence[float] | None] | None,
+    width: int,
+) -> Windows:
+    """The last ``width`` items of each history (oldest first) and their time gaps; ``times``
+    (seconds, one per item, or None for a history whose times are unknown) may be None."""
+    items = np.zeros((len(histories), width), dtype=np.int64)
+    stamps = np.full((len(histories), width), np.inf)
+    for row, history in enumerate(histories):
+        window = np.asarray(history, dtype=np.int64)[-width:]
+        items[row, : len(window)] = window
+        stamp = times[row] if times is not None else None
+        if stamp is not None and len(stamp):
+            if len(stamp) != len(history):
+                raise ValueError(f"history {row}: {len(history)} items, {len(stamp)} times")
+            stamps[row, : len(window)] = np.asarray(stamp, dtype=np.float64)[-width:]
+    gaps = np.full_like(stamps, -1.0)
+    with np.errstate(invalid="ignore"):  # inf - inf between padding slots
+        gaps[:, 1:] = stamps[:, 1:] - stamps[:, :-1]
+    gaps[~np.isfinite(gaps)] = -1.0  # unknown: the first slot, padding, missing times
+    return Windows(
+        torch.from_numpy(items), torch.from_numpy(gaps).float(), torch.from_numpy(stamps)
+    )
+
+
+def user_windows(sequences: Sequences, times: np.ndarray, users: np.ndarray, width: int):
+    """``history_windows`` of ``users``' sequences (``times``: (total,) per sequence item)."""
+    spans = [(sequences.offsets[user], sequences.offsets[user + 1]) for user in users]
+    return history_windows(
+        [sequences.items[start:stop] for start, stop in spans],
+        [times[start:stop] for start, stop in spans],
+        width,
+    )
+
+
+@dataclass
+class SamplerState(TrainState):
+    """The shared loop's state plus the user sampler's position."""
+
+    epoch: int = 0
+    position: int = 0
+    """Users of this epoch's permutation consumed (all ranks)."""
+
+
+class UserSampler:
+    """Batches of training users: a seeded permutation per epoch, the same on every rank, cut
+    into global batches of which rank r takes slice r. The position is two integers in the
+    trainer state, so a resumed job continues exactly where the checkpoint left off."""
+
+    def __init__(self, users: np.ndarray, batch_per_rank: int, world: World, seed: int):
+        self.users, self.batch, self.world, self.seed = users, batch_per_rank, world, seed
+        self.global_batch = batch_per_rank * world.world_size
+        if len(users) < self.global_batch:
+            raise ValueError(
+                f"{len(users)} users with >= 2 training items, fewer than one global batch "
+                f"({self.global_batch}): lower parallel.micro_batch_size"
+            )
+
+    def next(self, state: SamplerState) -> np.ndarray:
+        if state.position + self.global_batch > len(self.users):
+            state.epoch, state.position = state.epoch + 1, 0
+        order = np.random.default_rng([self.seed, state.epoch]).permutation(self.users)
+        chunk = order[state.position : state.position + self.global_batch]
+        state.position += self.global_batch
+        return chunk[self.world.rank * self.batch : (self.world.rank + 1) * self.batch]
+
+
+@dataclass
+class NextItemBatcher:
+    """Turns a rank's users into a ``NextItemBatch``: their windows of the training sequences,
+    the step's uniform negatives (warm items), their logQ, and the labelled rows when
+    ``loss.bce_weight`` > 0."""
+
+    data: InteractionData
+    loss: LossSettings
+    max_history_length: int
+    times_by_row: np.ndarray = field(init=False)
+    """(rows,) timestamp of each interaction row."""
+
+    def __post_init__(self):
+        data = self.data
+        self.times_by_row = np.zeros(int(data.row.max()) + 1)
+        self.times_by_row[data.row] = data.timestamp
+        self.sequences = data.train_sequences()
+        # per item of the training sequences, once: a step cuts windows out of it
+        self.sequence_times = self.times_by_row[self.sequences.rows]
+        self.popularity = popularity = data.popularity()  # (N + 1,) training counts
+        self.popularity_probability = torch.from_numpy(popularity / popularity.sum())
+        self.warm_ids = torch.nonzero(torch.from_numpy(popularity > 0)).squeeze(1)
+        self.pointwise = data.pointwise("train")
+
+    def trainable_users(self) -> np.ndarray:
+        """Users with a next item to predict (>= 2 training items)."""
+        return np.flatnonzero(self.sequences.lengths() >= 2)
+
+    def batch(
+        self,
+        users: np.ndarray,
+        items: ItemSource,
+        generator: torch.Generator,
+        device: torch.device,
+        anchors: torch.Tensor,
+    ) -> NextItemBatch:
+        """``anchors``: item ids embedded with every batch (``ItemSource.anchors``)."""
+        loss = self.loss
+        window = user_windows(
+            self.sequences, self.sequence_times, users, self.max_history_length + 1
+        )  # (B, L + 1)
+        num_negatives = loss.uniform_negatives
+        draws = torch.randint(len(self.warm_ids), (num_negatives,), generator=generator)
+        negatives = self.warm_ids[draws]  # (S,)
+        bce = self._bce_rows(users, window) if loss.bce_weight > 0 else None
+        bce_items = bce[2] if bce is not None else torch.zeros(0, dtype=torch.long)
+        ids, inverse = torch.unique(
+            torch.cat([window.items.flatten(), negatives, bce_items, anchors]),
+            return_inverse=True,
+        )  # (K,), every item embedded once
+        count = window.items.numel()
+        batch = NextItemBatch(
+            items=items.inputs(ids, device),
+            window_rows=inverse[:count].view(window.items.shape).to(device),
+            time_gaps=window.time_gaps.to(device),
+            negative_rows=inverse[count : count + num_negatives].to(device),
+        )
+        if loss.logq:
+            targets = window.items[:, 1:]
+            positive_ids = targets[targets != PAD_ID]  # (R,), row-major like the loss rows
+            batch.log_q = mixed_sampling_log_q(
+                torch.cat([positive_ids, negatives]),
+                self.popularity_probability,
+                batch_size=len(positive_ids),
+                num_uniform=num_negatives,
+                num_items=len(self.warm_ids),
+            ).to(device)
+        if bce is not None:
+            user, position, _, labels = bce
+            start = count + num_negatives
+            batch.bce_user, batch.bce_position = user.to(device), position.to(device)
+            batch.bce_item_rows = inverse[start : start + len(bce_items)].to(device)
+            batch.bce_labels = labels.to(device)
+        return batch
+
+    def _bce_rows(self, users: np.ndarray, window: Windows):
+        """The labelled training rows of the batch users, each scored with the state after the
+        window items strictly before it (rows older than the window are left out): batch row
+        (P,), window slot (P,), item id (P,), label (P,)."""
+        pointwise = self.pointwise
+        rows = np.flatnonzero(np.isin(pointwise["user"], users))
+        slot = {int(user): index for index, user in enumerate(users)}
+        batch_index = np.array([slot[int(u)] for u in pointwise["user"][rows]], dtype=int)
+        row_times = self.times_by_row[pointwise["row"][rows]]
+        before = (window.times.numpy()[batch_index, :-1] < row_times[:, None]).sum(axis=1)
+        keep = before >= 1  # a state exists: at least one window item precedes the row
+        return (
+            torch.from_numpy(batch_index[keep]).long(),
+            torch.from_numpy(before[keep] - 1).long(),
+            torch.from_numpy(pointwise["item"][rows][keep]).long(),
+            torch.from_numpy(pointwise["label"][rows][keep]).float(),
+        )
