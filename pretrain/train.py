@@ -230,7 +230,7 @@ class Pretrainer(Trainer):
     def start_files(self) -> dict[str, str]:
         return {"deepspeed.json": json.dumps(self.ds_config, indent=2)}
 
-    def restore(self, saved: dict[str, Any]) -> None:
+    def restore(self) -> None:
         self.reader.load_state_dict(self.state.reader)
 
     def save(self) -> None:

@@ -166,8 +166,8 @@ class Trainer:
     """One training job: ``fit()`` resumes or starts, trains to ``train.steps`` with the
     configured cadence, saves, and returns ``final_report()``.
 
-    A stage sets ``engine``, ``scheduler``, ``generator`` and ``state`` in its ``__init__``
-    (after this one) and implements the hooks below."""
+    A stage's ``__init__`` calls this one, builds its engine (``engine``, ``scheduler``),
+    calls ``seed_rank()`` after drawing the initial weights, and implements the hooks below."""
 
     stage = ""
     """MLflow tag ``vidrec.stage``."""
@@ -223,8 +223,8 @@ class Trainer:
         beside ``config.yaml``."""
         return {}
 
-    def restore(self, saved: dict[str, Any]) -> None:
-        """Resume the stage's data position from ``self.state`` (just loaded)."""
+    def restore(self) -> None:
+        """Resume the stage's data position from ``self.state``, just loaded."""
 
     def step_metrics(self, averaged: dict[str, float]) -> dict[str, float]:
         """Stage metrics added to a logged step's rank-averaged ones."""
@@ -269,7 +269,7 @@ class Trainer:
         )
         if saved is not None:
             self.state = self.state_class(**saved["train_state"])
-            self.restore(saved)
+            self.restore()
             checkpoint.restore_rng(saved["rng"], self.generator)
         files = {"config.yaml": yaml.safe_dump(self.resolved)} | self.start_files()
         if self.world.is_main:
