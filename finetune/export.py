@@ -41,6 +41,7 @@ import torch
 
 from data_shards.atomic import atomic_write_text
 from finetune.model import PAD_ID, ItemTower, RankingHead, Recommender, UserTower
+from pretrain.consolidate import consolidate_checkpoint, resolve_tag_dir
 from pretrain.export import (
     CARD_FILE,
     DEFAULT_MAX_SHARD_SIZE,
@@ -48,11 +49,9 @@ from pretrain.export import (
     ExportError,
     ModelCard,
     VideoPreprocessing,
-    consolidate_checkpoint,
     export_model,
     load_export,
     read_info,
-    resolve_tag_dir,
 )
 
 log = logging.getLogger(__name__)

@@ -7,6 +7,8 @@ Layout of ``<output_dir>/checkpoints``::
     step_00000200/              one DeepSpeed tag: model/optimizer/scheduler shards per rank
         trainer_state_rank0.json  step, reader position, RNG states of rank 0 (JSON, no pickle)
         config.json             the resolved run config, for the compatibility check
+
+Reading a tag back without DeepSpeed is ``pretrain.consolidate``'s job.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ log = logging.getLogger(__name__)
 LATEST = "latest"
 # Config fields whose change makes an existing checkpoint unusable (shapes or sharding differ).
 INCOMPATIBLE_FIELDS = ("model", "parallel.zero_stage", "parallel.precision")
+
+
+class ExportError(RuntimeError):
+    """A checkpoint that cannot be exported, an export that cannot be loaded, or weights that
+    do not fit a model; the message names the file or tensor at fault."""
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:

@@ -25,14 +25,13 @@ from test_pretrain_train import tiny, world  # noqa: F401  (world is a fixture)
 
 import vidrec_cli
 from data_shards.reader import ReaderConfig, build_loader
+from pretrain.consolidate import consolidate_checkpoint, load_deepspeed_file
 from pretrain.embed import embed_clips, embed_texts
 from pretrain.export import (
     ExportComponent,
     ExportError,
     add_component,
-    consolidate_checkpoint,
     export_checkpoint,
-    load_deepspeed_file,
     load_export,
 )
 from pretrain.train import Pretrainer
