@@ -41,6 +41,7 @@ import torch
 
 from data_shards.atomic import atomic_write_text
 from finetune.model import PAD_ID, ItemTower, RankingHead, Recommender, UserTower
+from pretrain.checkpoint import load_weights
 from pretrain.consolidate import consolidate_checkpoint, resolve_tag_dir
 from pretrain.export import (
     CARD_FILE,
@@ -333,7 +334,12 @@ def _build(output_dir: str | Path, tag: str | None = None) -> _Built:
     )
     head = RankingHead(dim, config.model.head, config.model.temperature)
     model = Recommender(item_tower, user_tower, head)
-    _load_strict(model, consolidated.state_dict, str(consolidated.tag_dir))
+    load_weights(
+        model,
+        consolidated.state_dict,
+        str(consolidated.tag_dir),
+        ignore_missing=("mlm_head.predictions.decoder",),  # tied to the word embeddings
+    )
     encoder.tie_weights()
     item_tower.freeze_encoders()  # inference: no grads, encoders in eval mode
     model.eval().requires_grad_(False)
@@ -426,26 +432,6 @@ def _build(output_dir: str | Path, tag: str | None = None) -> _Built:
         "finetune steps": consolidated.step,
     }
     return _Built(recommender, consolidated, config, figures)
-
-
-def _load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], where: str):
-    """Every tensor present with the module's shape, nothing unknown; else an error naming
-    the tensors (the decoder of the tied MLM head may be absent)."""
-    expected = module.state_dict()
-    problems = [
-        f"tensor {name} has shape {list(state_dict[name].shape)}, expected {list(tensor.shape)}"
-        for name, tensor in expected.items()
-        if name in state_dict and state_dict[name].shape != tensor.shape
-    ]
-    problems += [
-        f"tensor {name} is missing"
-        for name in expected
-        if name not in state_dict and "mlm_head.predictions.decoder" not in name
-    ]
-    problems += [f"unexpected tensor {name}" for name in sorted(set(state_dict) - set(expected))]
-    if problems:
-        raise ExportError(f"{where}: " + "; ".join(problems[:10]))
-    module.load_state_dict(state_dict, strict=False)
 
 
 def build_recommender(output_dir: str | Path, tag: str | None = None) -> ExportedRecommender:
@@ -648,11 +634,11 @@ def load_recommender(
             f"{directory}: user tower dim {user_config.get('dim')} != item tower dim {dim}"
         )
     user_tower = UserTower(**user_config)
-    _load_strict(
+    load_weights(
         user_tower, parts[USER_TOWER].tensors, f"{directory}/components/{USER_TOWER}.safetensors"
     )
     head = _head_from_config(parts[HEAD].config, dim)
-    _load_strict(head, parts[HEAD].tensors, f"{directory}/components/{HEAD}.safetensors")
+    load_weights(head, parts[HEAD].tensors, f"{directory}/components/{HEAD}.safetensors")
 
     table = parts[ITEMS].tensors["item_embeddings"]
     where = f"{directory}/components/{ITEMS}.safetensors"

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from data_shards.atomic import atomic_write_text
-from pretrain.checkpoint import ExportError
+from pretrain.checkpoint import ExportError, check_weights, load_weights
 from pretrain.consolidate import consolidate_checkpoint
 
 log = logging.getLogger(__name__)
@@ -475,8 +475,7 @@ def export_checkpoint(
     # Built for real, not on the meta device: non-persistent buffers and the decoder's sin-cos
     # table are not in the checkpoint and must exist. The random init is overwritten at once.
     model = VideoTextModel(model_config)
-    _check_state_dict(model, consolidated.state_dict, str(consolidated.tag_dir))
-    model.load_state_dict(consolidated.state_dict, strict=False)
+    load_weights(model, consolidated.state_dict, str(consolidated.tag_dir))
     model.tie_weights()
     tokenizer = load_tokenizer(model_config.text_model_dir or None)
     card = ModelCard(
@@ -499,38 +498,6 @@ def export_checkpoint(
         dtype=dtype,
         max_shard_size=max_shard_size,
     )
-
-
-def _check_loading_report(report: Mapping[str, Any], model, directory: Path) -> None:
-    tied = set(getattr(model, "_tied_weights_keys", None) or {})
-    problems = [
-        f"tensor {name} has shape {list(stored)}, the config needs {list(expected)}"
-        for name, stored, expected in sorted(report.get("mismatched_keys", ()))
-    ]
-    problems += [f"tensor {name} is missing" for name in sorted(set(report["missing_keys"]) - tied)]
-    problems += [f"unexpected tensor {name}" for name in sorted(report["unexpected_keys"])]
-    problems += list(report.get("error_msgs", ()))
-    if problems:
-        raise ExportError(f"{directory}: " + "; ".join(problems[:10]))
-
-
-def _check_state_dict(model, state_dict: Mapping[str, torch.Tensor], where: str) -> None:
-    """Every tensor the model has, present and of its shape; nothing unknown."""
-    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    tied = set(getattr(model, "_tied_weights_keys", None) or {})
-    problems = []
-    for name, shape in expected.items():
-        if name not in state_dict:
-            if name not in tied:
-                problems.append(f"tensor {name} is missing (expected shape {list(shape)})")
-        elif tuple(state_dict[name].shape) != shape:
-            problems.append(
-                f"tensor {name} has shape {list(state_dict[name].shape)}, "
-                f"the config needs {list(shape)}"
-            )
-    problems += [f"unexpected tensor {name}" for name in sorted(set(state_dict) - set(expected))]
-    if problems:
-        raise ExportError(f"{where}: " + "; ".join(problems[:10]))
 
 
 # --------------------------------------------------------------------------- loading
@@ -648,7 +615,14 @@ def load_export(
         output_loading_info=True,
         ignore_mismatched_sizes=True,
     )
-    _check_loading_report(report, model, directory)
+    check_weights(
+        model,
+        directory,
+        missing=report["missing_keys"],
+        unexpected=report["unexpected_keys"],
+        mismatched=report.get("mismatched_keys", ()),
+        errors=report.get("error_msgs", ()),
+    )
     model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     preprocessing = VideoPreprocessing.from_json(directory / PREPROCESSING_FILE)
