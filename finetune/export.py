@@ -51,6 +51,7 @@ from pretrain.export import (
     ModelCard,
     VideoPreprocessing,
     export_model,
+    file_sha256,
     load_export,
     read_info,
 )
@@ -576,10 +577,6 @@ def _append_card_usage(out: Path) -> None:
 # ============================================================================= loading
 
 
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def load_recommender(
     export_dir: str | Path, device: str | torch.device = "cpu"
 ) -> ExportedRecommender:
@@ -598,7 +595,7 @@ def load_recommender(
         path = directory / entry["file"]
         if not path.is_file():
             raise ExportError(f"{path} is missing: component {name} of the recommender")
-        if entry.get("sha256") and _file_sha256(path) != entry["sha256"]:
+        if entry.get("sha256") and file_sha256(path) != entry["sha256"]:
             raise ExportError(f"{path}: content differs from the export (sha256 mismatch)")
     for name in (FINETUNE_FILE, CATALOGUE_FILE):
         if not (directory / name).is_file():
@@ -608,7 +605,7 @@ def load_recommender(
     parts = exported.components
     items_config = parts[ITEMS].config
     catalogue_path = directory / CATALOGUE_FILE
-    if _file_sha256(catalogue_path) != items_config.get("catalogue_sha256"):
+    if file_sha256(catalogue_path) != items_config.get("catalogue_sha256"):
         raise ExportError(f"{catalogue_path}: content differs from the export (sha256 mismatch)")
     item_ids = json.loads(catalogue_path.read_text())["item_ids"]
 

@@ -125,7 +125,8 @@ class ModelCard:
     evaluation: dict[str, Any] = field(default_factory=dict)
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (weight files need not fit in memory)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -205,7 +206,7 @@ def export_model(
     atomic_write_text(out / VIDEO_ENCODER_DIR / PREPROCESSING_FILE, preprocessing_json)
     tokenizer.save_pretrained(out / TEXT_ENCODER_DIR)
 
-    files = {path.name: _file_sha256(path) for path in _weight_files(out)}
+    files = {path.name: file_sha256(path) for path in _weight_files(out)}
     model_id = f"{MODEL_TYPE}@{hashlib.sha256(json.dumps(files).encode()).hexdigest()[:12]}"
     info = {
         "format": EXPORT_FORMAT,
@@ -272,7 +273,7 @@ def add_component(export_dir: str | Path, component: ExportComponent, card: bool
     temporary.replace(path)
     info["components"][component.name] = {
         "file": f"{COMPONENTS_DIR}/{path.name}",
-        "sha256": _file_sha256(path),
+        "sha256": file_sha256(path),
         "shapes": {name: list(tensor.shape) for name, tensor in tensors.items()},
         "config": component.config,
         "description": component.description,
@@ -602,7 +603,7 @@ def load_export(
         _safetensors_shapes(path)  # whole and readable, or an error naming the file
     for name, digest in info.get("weights_sha256", {}).items():
         path = directory / name
-        if _file_sha256(path) != digest:
+        if file_sha256(path) != digest:
             raise ExportError(f"{path}: content differs from the export (sha256 mismatch)")
 
     torch_dtype = DTYPES[dtype or info.get("dtype", "fp32")]
