@@ -48,13 +48,13 @@ from pretrain.export import (
     DEFAULT_MAX_SHARD_SIZE,
     ExportComponent,
     ExportError,
-    ModelCard,
     VideoPreprocessing,
     export_model,
     file_sha256,
     load_export,
     read_info,
 )
+from pretrain.model_card import ModelCard
 
 log = logging.getLogger(__name__)
 

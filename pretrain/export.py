@@ -13,7 +13,7 @@ of ranks) in one plain process, with no process group and no DeepSpeed engine (m
       tokenizer.json, tokenizer_config.json, ...
       video_preprocessing.json     how a clip becomes the model's (T, C, H, W) uint8 input
       export_info.json             provenance (checkpoint, step, MLflow run), model_id, components
-      README.md                    model card
+      README.md                    model card (its text: ``pretrain.model_card``)
       video_encoder/               stock transformers VideoMAEModel (the video tower alone)
       text_encoder/                stock transformers BertModel + tokenizer (the text tower alone)
       components/<name>.safetensors  extra parts added later (finetune: user tower, ranking
@@ -42,6 +42,7 @@ import torch
 from data_shards.atomic import atomic_write_text
 from pretrain.checkpoint import ExportError, check_weights, load_weights
 from pretrain.consolidate import consolidate_checkpoint
+from pretrain.model_card import ModelCard, checkpoint_card, render_model_card
 
 log = logging.getLogger(__name__)
 
@@ -108,21 +109,6 @@ class ExportComponent:
     def __post_init__(self):
         if not re.fullmatch(r"[A-Za-z0-9_-]+", self.name):
             raise ValueError(f"component name {self.name!r}: use letters, digits, _ and -")
-
-
-@dataclass
-class ModelCard:
-    """What the card says beyond what the config and weights show."""
-
-    source: str = ""
-    """Where the weights came from (checkpoint tag dir)."""
-    step: int | None = None
-    mlflow_run_id: str | None = None
-    zero_stage: int | None = None
-    world_size: int | None = None
-    preset: str | None = None
-    training_data: dict[str, Any] = field(default_factory=dict)
-    evaluation: dict[str, Any] = field(default_factory=dict)
 
 
 def file_sha256(path: Path) -> str:
@@ -291,20 +277,6 @@ def read_info(export_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-# --------------------------------------------------------------------------- model card
-
-
-def _card_section_training(card: ModelCard) -> list[str]:
-    lines = []
-    data = card.training_data
-    if data:
-        lines.append("## Training data\n")
-        for key, value in data.items():
-            lines.append(f"- {key}: {value}")
-        lines.append("")
-    return lines
-
-
 def write_model_card(export_dir: Path, card: ModelCard | None) -> None:
     """README.md of the export. Called again when a component is added: the card then keeps
     what the previous card recorded (stored in ``export_info.json`` as ``card``)."""
@@ -315,124 +287,13 @@ def write_model_card(export_dir: Path, card: ModelCard | None) -> None:
         info["card"] = dataclasses.asdict(card)
         atomic_write_text(export_dir / INFO_FILE, json.dumps(info, indent=2))
     config = json.loads((export_dir / "config.json").read_text())
-    video, text = config["video_config"], config["text_config"]
     preprocessing = json.loads((export_dir / PREPROCESSING_FILE).read_text())
-    lines = [
-        f"# {info['model_id']}",
-        "",
-        "Video-text dual encoder pretrained by vidrec: a VideoMAE video tower and a BERT text",
-        "tower projected into one L2-normalized embedding space (contrastive, masked video and",
-        "video-conditioned masked language modelling), for text-to-video retrieval and as the",
-        "item encoder of the recommender.",
-        "",
-        "## Model",
-        "",
-        f"- preset: {card.preset or 'custom (no shipped config matches)'}",
-        f"- parameters: {info['parameters']:,} (weights stored as {info['dtype']})",
-        f"- video tower: VideoMAE, {video['num_hidden_layers']} layers × {video['hidden_size']}, "
-        f"{video['num_frames']} frames of {video['image_size']} px, tubelets "
-        f"{video['tubelet_size']}×{video['patch_size']}×{video['patch_size']}",
-        f"- text tower: BERT, {text['num_hidden_layers']} layers × {text['hidden_size']}, "
-        f"vocabulary {text['vocab_size']}, {config['text_pooling']} pooling",
-        f"- joint embedding: {config['embed_dim']} dimensions, fusion layers: "
-        f"{config['fusion_num_layers']}",
-        f"- input: {preprocessing['num_frames']} frames (uniform), centre crop "
-        f"{preprocessing['image_size']} px, fps {preprocessing.get('fps') or 'unknown'}; "
-        f"text up to {preprocessing['max_text_length']} tokens",
-        "",
-        "## Provenance",
-        "",
-        f"- checkpoint: `{card.source or 'n/a'}` (step {card.step}, ZeRO-{card.zero_stage}, "
-        f"{card.world_size} ranks)",
-        f"- MLflow run: {card.mlflow_run_id or 'n/a'}",
-        f"- model_id: `{info['model_id']}` (hash of the weight files; embeddings carry it)",
-        "",
-    ]
-    lines += _card_section_training(card)
-    if card.evaluation:
-        lines += ["## Evaluation (held-out retrieval)", ""]
-        lines += [f"- {key}: {value}" for key, value in card.evaluation.items()]
-        lines.append("")
-    if info["components"]:
-        lines += ["## Components", ""]
-        for name, entry in info["components"].items():
-            lines.append(f"- `{entry['file']}`: {entry['description'] or name}")
-        lines.append("")
-    lines += [
-        "## Use",
-        "",
-        "```python",
-        "from pretrain.export import load_export",
-        "exported = load_export(path)",
-        "video_embeds = exported.embed_video(clips)   # (B, T, C, H, W) uint8 → (B, E)",
-        "text_embeds = exported.embed_text(['a red square moving left'])",
-        "```",
-        "",
-        f"`{VIDEO_ENCODER_DIR}/` and `{TEXT_ENCODER_DIR}/` load with `transformers.AutoModel`",
-        "alone (no vidrec code): they give token features, not the joint embedding (the",
-        "projections, the video norm and the pooling are vidrec's). The text encoder has no",
-        "pooler: the pooler weights that BertModel creates are untrained.",
-        "",
-        "## Limits",
-        "",
-        "- Trained on the data above only; embeddings of other domains are not evaluated.",
-        "- Clips must be preprocessed as in `video_preprocessing.json` (frame count, size,",
-        "  centre crop); the model normalizes pixels itself.",
-        "- Retrieval figures are from the held-out shards of the training run, small and",
-        "  in-domain; they are not a benchmark result.",
-        "",
-    ]
-    atomic_write_text(export_dir / CARD_FILE, "\n".join(lines))
+    towers = (VIDEO_ENCODER_DIR, TEXT_ENCODER_DIR)
+    text = render_model_card(card, info, config, preprocessing, towers)
+    atomic_write_text(export_dir / CARD_FILE, text)
 
 
 # --------------------------------------------------------------------------- from a checkpoint
-
-
-def _training_data(run_config: Mapping[str, Any], trainer_states: list[dict]) -> dict[str, Any]:
-    """Shard-set figures from the training set's index.json, and what the ranks consumed."""
-    data = run_config.get("data", {})
-    stats: dict[str, Any] = {"shards": data.get("train_shards", "")}
-    index = Path(str(data.get("train_shards", ""))) / "index.json"
-    if index.is_file():
-        content = json.loads(index.read_text())
-        settings = content.get("settings", {})
-        stats["clips"] = content.get("total_samples")
-        stats["shard files"] = content.get("total_shards")
-        stats["hours of video"] = round(content.get("total_clip_seconds", 0) / 3600, 3)
-        stats["clip format"] = (
-            f"up to {settings.get('clip_seconds')} s at {settings.get('fps')} fps, "
-            f"short side {settings.get('short_side')} px"
-        )
-    seen = [state.get("train_state", {}).get("samples_seen") for state in trainer_states]
-    if seen and all(isinstance(value, int) for value in seen):
-        stats["clips seen in training (all ranks)"] = sum(seen)
-    if data.get("eval_shards"):
-        stats["eval_shards"] = data["eval_shards"]
-    return stats
-
-
-def _evaluation(output_dir: Path, step: int) -> dict[str, Any]:
-    """The newest ``eval/step_*.json`` at or before the exported step, if the run wrote one."""
-    reports = sorted((output_dir / "eval").glob("step_*.json"))
-    chosen = [path for path in reports if int(path.stem.split("_")[1]) <= step]
-    if not chosen:
-        return {}
-    return json.loads(chosen[-1].read_text())
-
-
-def _preset(model_section: Mapping[str, Any]) -> str | None:
-    """The shipped launch config whose model section this run used, if one matches."""
-    import yaml
-
-    configs = Path(__file__).resolve().parent.parent / "launch" / "configs"
-    for path in sorted(configs.glob("*.yaml")):
-        try:
-            shipped = (yaml.safe_load(path.read_text()) or {}).get("model", {})
-        except yaml.YAMLError:
-            continue
-        if shipped and all(model_section.get(key) == value for key, value in shipped.items()):
-            return path.stem
-    return None
 
 
 def _preprocessing(run_config: Mapping[str, Any], model_config) -> VideoPreprocessing:
@@ -479,16 +340,7 @@ def export_checkpoint(
     load_weights(model, consolidated.state_dict, str(consolidated.tag_dir))
     model.tie_weights()
     tokenizer = load_tokenizer(model_config.text_model_dir or None)
-    card = ModelCard(
-        source=str(consolidated.tag_dir),
-        step=consolidated.step,
-        mlflow_run_id=consolidated.mlflow_run_id,
-        zero_stage=consolidated.zero_stage,
-        world_size=consolidated.world_size,
-        preset=_preset(run_config.get("model", {})),
-        training_data=_training_data(run_config, consolidated.trainer_states),
-        evaluation=_evaluation(consolidated.output_dir, consolidated.step),
-    )
+    card = checkpoint_card(consolidated)
     return export_model(
         model,
         out_dir,
