@@ -10,9 +10,9 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     from data_shards import cli as shards_cli
     from finetune import cli as finetune_cli
-    from finetune import recommend
+    from finetune import export_cli, recommend
     from pretrain import cli as pretrain_cli
-    from pretrain import export_cli
+    from pretrain import embed_cli
 
     parser = argparse.ArgumentParser(
         prog="vidrec", description="Video-text pretraining and video recommendation."
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     shards_cli.add_parser(commands)
     pretrain_cli.add_parser(commands)
     export_cli.add_parser(commands)
+    embed_cli.add_parser(commands)
     finetune_cli.add_parser(commands)
     recommend.add_parser(commands)
     return parser

@@ -1,9 +1,9 @@
 """Hand-off of a finetuned recommender: finetune output dir → self-contained export, and back.
 
 ``export_finetune`` reads a checkpoint of ``finetune.train`` (any ZeRO stage, any number of
-ranks; merged by ``pretrain.export.consolidate_checkpoint`` in one plain process, no DeepSpeed)
-and writes the pretrain export layout (``pretrain/export.py``) with the *finetuned* encoders,
-so ``load_export`` and stock ``AutoModel`` keep working on it, plus::
+ranks; merged by ``pretrain.consolidate`` in one plain process, no DeepSpeed) and writes the
+pretrain export layout (``pretrain/export.py``) with the *finetuned* encoders, so
+``load_export`` and stock ``AutoModel`` keep working on it, plus::
 
     <out>/
       components/item_tower.safetensors       the item tower's own layers (modality mix,
@@ -51,21 +51,22 @@ from finetune.item_content import (
 )
 from finetune.item_source import ItemSource
 from finetune.model import PAD_ID, Recommender
-from finetune.recommender import RecommenderSpec, build_model, load_encoder
+from finetune.recommender import TIED_DECODER, RecommenderSpec, build_model, load_encoder
+from pretrain.checkpoint import load_weights
 from pretrain.config import from_dict
+from pretrain.consolidate import consolidate_checkpoint, resolve_tag_dir
 from pretrain.export import (
     CARD_FILE,
     DEFAULT_MAX_SHARD_SIZE,
     ExportComponent,
     ExportError,
-    ModelCard,
     VideoPreprocessing,
-    consolidate_checkpoint,
     export_model,
+    file_sha256,
     load_export,
     read_info,
-    resolve_tag_dir,
 )
+from pretrain.model_card import ModelCard
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +280,9 @@ def _build(output_dir: str | Path, tag: str | None = None) -> _Built:
     model_config = encoder.config
     spec = RecommenderSpec.from_config(config, model_config.embed_dim, num_items)
     model = build_model(replace(spec, trainable_encoder_layers=0), encoder)  # inference
-    _load_strict(model, consolidated.state_dict, str(consolidated.tag_dir))
+    load_weights(
+        model, consolidated.state_dict, consolidated.tag_dir, ignore_missing=(TIED_DECODER,)
+    )
     encoder.tie_weights()
     model.eval().requires_grad_(False)
 
@@ -346,26 +349,6 @@ def _build(output_dir: str | Path, tag: str | None = None) -> _Built:
         "finetune steps": consolidated.step,
     }
     return _Built(recommender, consolidated, config, figures)
-
-
-def _load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], where: str):
-    """Every tensor present with the module's shape, nothing unknown; else an error naming
-    the tensors (the decoder of the tied MLM head may be absent)."""
-    expected = module.state_dict()
-    problems = [
-        f"tensor {name} has shape {list(state_dict[name].shape)}, expected {list(tensor.shape)}"
-        for name, tensor in expected.items()
-        if name in state_dict and state_dict[name].shape != tensor.shape
-    ]
-    problems += [
-        f"tensor {name} is missing"
-        for name in expected
-        if name not in state_dict and "mlm_head.predictions.decoder" not in name
-    ]
-    problems += [f"unexpected tensor {name}" for name in sorted(set(state_dict) - set(expected))]
-    if problems:
-        raise ExportError(f"{where}: " + "; ".join(problems[:10]))
-    module.load_state_dict(state_dict, strict=False)
 
 
 def build_recommender(output_dir: str | Path, tag: str | None = None) -> ExportedRecommender:
@@ -510,10 +493,6 @@ def _append_card_usage(out: Path) -> None:
 # ============================================================================= loading
 
 
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def load_recommender(
     export_dir: str | Path, device: str | torch.device = "cpu"
 ) -> ExportedRecommender:
@@ -532,7 +511,7 @@ def load_recommender(
         path = directory / entry["file"]
         if not path.is_file():
             raise ExportError(f"{path} is missing: component {name} of the recommender")
-        if entry.get("sha256") and _file_sha256(path) != entry["sha256"]:
+        if entry.get("sha256") and file_sha256(path) != entry["sha256"]:
             raise ExportError(f"{path}: content differs from the export (sha256 mismatch)")
     for name in (FINETUNE_FILE, CATALOGUE_FILE):
         if not (directory / name).is_file():
@@ -542,7 +521,7 @@ def load_recommender(
     parts = exported.components
     items_config = parts[ITEMS].config
     catalogue_path = directory / CATALOGUE_FILE
-    if _file_sha256(catalogue_path) != items_config.get("catalogue_sha256"):
+    if file_sha256(catalogue_path) != items_config.get("catalogue_sha256"):
         raise ExportError(f"{catalogue_path}: content differs from the export (sha256 mismatch)")
     item_ids = json.loads(catalogue_path.read_text())["item_ids"]
 
@@ -552,21 +531,16 @@ def load_recommender(
     if user_dim != dim:
         raise ExportError(f"{directory}: user tower dim {user_dim} != item tower dim {dim}")
     model = build_model(spec, exported.model)
-    tower = parts[ITEM_TOWER].tensors
-    own = {k: v for k, v in model.item_tower.state_dict().items() if not k.startswith("encoder.")}
-    problems = [
-        f"tensor {k} has shape {list(tower[k].shape)}, expected {list(v.shape)}"
-        for k, v in own.items()
-        if k in tower and tower[k].shape != v.shape
-    ]
-    problems += [f"tensor {k} is missing" for k in own if k not in tower]
-    problems += [f"unexpected tensor {k}" for k in set(tower) - set(own)]
-    if problems:
-        where = f"{directory}/components/{ITEM_TOWER}.safetensors"
-        raise ExportError(f"{where}: " + "; ".join(problems))
-    model.item_tower.load_state_dict(tower, strict=False)
+    components = f"{directory}/components"
+    # the item tower's encoders are the export's own, loaded above: only its layers here
+    load_weights(
+        model.item_tower,
+        parts[ITEM_TOWER].tensors,
+        f"{components}/{ITEM_TOWER}.safetensors",
+        ignore_missing=("encoder.",),
+    )
     for name, module in ((USER_TOWER, model.user_tower), (HEAD, model.head)):
-        _load_strict(module, parts[name].tensors, f"{directory}/components/{name}.safetensors")
+        load_weights(module, parts[name].tensors, f"{components}/{name}.safetensors")
 
     table = parts[ITEMS].tensors["item_embeddings"]
     where = f"{directory}/components/{ITEMS}.safetensors"

@@ -15,14 +15,16 @@ from typing import Any, Literal
 from finetune.config import EncoderSettings, FinetuneConfig
 from finetune.model import IDOnlyItemTower, ItemTower, RankingHead, Recommender, UserTower
 from finetune.objective import NextItemObjective
+from pretrain.checkpoint import load_weights
 from pretrain.config import PretrainConfig, from_dict
-from pretrain.export import INFO_FILE, consolidate_checkpoint, resolve_tag_dir
+from pretrain.consolidate import consolidate_checkpoint, resolve_tag_dir
+from pretrain.export import INFO_FILE
 from pretrain.model import VideoTextConfig, VideoTextModel
 
 log = logging.getLogger(__name__)
 
 TIED_DECODER = "mlm_head.predictions.decoder"
-"""The MLM head's decoder is tied to the word embeddings; checkpoints may leave it out."""
+"""The encoders' MLM decoder is tied to the word embeddings; checkpoints may leave it out."""
 
 
 # ============================================================================= encoder source
@@ -47,17 +49,11 @@ def load_encoder(settings: EncoderSettings, weights: bool = True):
         if not weights:
             run = json.loads((resolve_tag_dir(settings.pretrain_dir) / "config.json").read_text())
             return VideoTextModel(_pretrain_architecture(run)), None
-        # pretrain's consolidation reads the ZeRO files without unpickling code.
+        # the ZeRO files, read without unpickling code
         consolidated = consolidate_checkpoint(settings.pretrain_dir)
         # Random towers, then the checkpoint's weights: no need to load MiniLM first.
         model = VideoTextModel(_pretrain_architecture(consolidated.run))
-        result = model.load_state_dict(consolidated.state_dict, strict=False)
-        missing = [key for key in result.missing_keys if TIED_DECODER not in key]
-        if missing or result.unexpected_keys:
-            raise RuntimeError(
-                f"{consolidated.tag_dir}: weights do not fit the model (missing {missing[:5]}, "
-                f"unexpected {result.unexpected_keys[:5]})"
-            )
+        load_weights(model, consolidated.state_dict, consolidated.tag_dir)
         model.tie_weights()
         log.info("encoders from pretrain checkpoint %s", consolidated.tag_dir)
         return model.float(), consolidated.mlflow_run_id

@@ -7,6 +7,8 @@ Layout of ``<output_dir>/checkpoints``::
     step_00000200/              one DeepSpeed tag: model/optimizer/scheduler shards per rank
         trainer_state_rank0.json  step, reader position, RNG states of rank 0 (JSON, no pickle)
         config.json             the resolved run config, for the compatibility check
+
+Reading a tag back without DeepSpeed is ``pretrain.consolidate``'s job.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import logging
 import random
 import shutil
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,11 @@ class TrainState:
     nonfinite_skipped: int = 0
     nonfinite_streak: int = 0
     tracking_run_id: str | None = None
+
+
+class ExportError(RuntimeError):
+    """A checkpoint that cannot be exported, an export that cannot be loaded, or weights that
+    do not fit a model; the message names the file or tensor at fault."""
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -188,3 +196,64 @@ def load(
     state = json.loads(state_file.read_text())
     log.info("resumed from %s (step %d)", tag, state["train_state"]["step"])
     return state
+
+
+# --------------------------------------------------------------------------- loading weights
+
+
+def check_weights(
+    module: torch.nn.Module,
+    where: str | Path,
+    *,
+    missing: Iterable[str] = (),
+    unexpected: Iterable[str] = (),
+    mismatched: Iterable[tuple[str, Sequence[int], Sequence[int]]] = (),
+    errors: Iterable[str] = (),
+    ignore_missing: Iterable[str] = (),
+) -> None:
+    """Refuse weights that do not fit ``module``: an ``ExportError`` naming ``where`` and the
+    first ten problems. ``mismatched`` holds (name, stored shape, module shape). A missing
+    tensor is allowed when ``module`` ties it to another (``_tied_weights_keys``) or its name
+    contains one of ``ignore_missing``: the caller ties it after loading."""
+    tied = set(getattr(module, "_tied_weights_keys", None) or {})
+    ignored = tuple(ignore_missing)
+    shapes = {name: list(tensor.shape) for name, tensor in module.state_dict().items()}
+    problems = [
+        f"tensor {name} has shape {list(stored)}, the config needs {list(needed)}"
+        for name, stored, needed in sorted(mismatched)
+    ]
+    problems += [
+        f"tensor {name} is missing (expected shape {shapes.get(name, '?')})"
+        for name in sorted(missing)
+        if name not in tied and not any(part in name for part in ignored)
+    ]
+    problems += [f"unexpected tensor {name}" for name in sorted(unexpected)]
+    problems += list(errors)
+    if problems:
+        raise ExportError(f"{where}: " + "; ".join(problems[:10]))
+
+
+def load_weights(
+    module: torch.nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    where: str | Path,
+    *,
+    ignore_missing: Iterable[str] = (),
+) -> None:
+    """Load ``state_dict`` into ``module`` once ``check_weights`` finds that it fits: every
+    tensor of the module present with its shape, nothing unknown (tie weights afterwards)."""
+    expected = module.state_dict()
+    mismatched = [
+        (name, tuple(state_dict[name].shape), tuple(tensor.shape))
+        for name, tensor in expected.items()
+        if name in state_dict and state_dict[name].shape != tensor.shape
+    ]
+    check_weights(
+        module,
+        where,
+        missing=expected.keys() - state_dict.keys(),
+        unexpected=state_dict.keys() - expected.keys(),
+        mismatched=mismatched,
+        ignore_missing=ignore_missing,
+    )
+    module.load_state_dict(state_dict, strict=False)

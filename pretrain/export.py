@@ -1,7 +1,8 @@
 """Hand-off of a pretrained model: DeepSpeed checkpoint → self-contained directory, and back.
 
 ``export_checkpoint`` reads any checkpoint of ``pretrain.train`` (ZeRO 0-3, saved by any number
-of ranks) in one plain process, with no process group and no DeepSpeed engine, and writes::
+of ranks) in one plain process, with no process group and no DeepSpeed engine (merged by
+``pretrain.consolidate.consolidate_checkpoint``), and writes::
 
     <out>/
       config.json                  VideoTextConfig (AutoModel-registered, model_type
@@ -12,7 +13,7 @@ of ranks) in one plain process, with no process group and no DeepSpeed engine, a
       tokenizer.json, tokenizer_config.json, ...
       video_preprocessing.json     how a clip becomes the model's (T, C, H, W) uint8 input
       export_info.json             provenance (checkpoint, step, MLflow run), model_id, components
-      README.md                    model card
+      README.md                    model card (its text: ``pretrain.model_card``)
       video_encoder/               stock transformers VideoMAEModel (the video tower alone)
       text_encoder/                stock transformers BertModel + tokenizer (the text tower alone)
       components/<name>.safetensors  extra parts added later (finetune: user tower, ranking
@@ -21,17 +22,6 @@ of ranks) in one plain process, with no process group and no DeepSpeed engine, a
 ``load_export`` reads it back with checks that fail with a message naming the file or tensor:
 safetensors only (never a pickle), config present and of this model type, every tensor present
 with the expected shape, files complete.
-
-Why the consolidation is our own code: DeepSpeed's ``zero_to_fp32`` calls ``torch.load(...,
-weights_only=False)`` on every file, i.e. it runs whatever the pickles say. What the files
-really hold (DeepSpeed 0.19): tensors, plain containers, ``torch.Size``, and in the optimizer
-files three DeepSpeed objects: the ZeRO stage (``ZeroStageEnum``), the ``LossScaler`` and, for
-ZeRO 1/2, ``fragment_address`` records. Here every file is read with ``weights_only=True``;
-those DeepSpeed classes, and only DeepSpeed's, are mapped to ``OpaqueRecord``, an inert
-stand-in that stores what it is given: no DeepSpeed (or other non-torch) code runs while
-reading, and a file naming any other global is refused. The merge arithmetic (how
-ZeRO-2 and ZeRO-3 lay parameters out in their flat fp32 partitions) is the same as
-``zero_to_fp32``'s and is tested against the live engine.
 """
 
 from __future__ import annotations
@@ -41,8 +31,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
-import pickle
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -52,7 +40,9 @@ from typing import Any
 import torch
 
 from data_shards.atomic import atomic_write_text
-from pretrain import checkpoint as checkpoints
+from pretrain.checkpoint import ExportError, check_weights, load_weights
+from pretrain.consolidate import consolidate_checkpoint
+from pretrain.model_card import ModelCard, checkpoint_card, render_model_card
 
 log = logging.getLogger(__name__)
 
@@ -69,256 +59,6 @@ MODEL_TYPE = "vidrec-video-text"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 WEIGHT_SUFFIXES_REFUSED = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 """Weight files that would need unpickling: an export holding one is refused, not read."""
-
-
-class ExportError(RuntimeError):
-    """A checkpoint that cannot be exported or an export that cannot be loaded; the message
-    names the file or tensor at fault."""
-
-
-# --------------------------------------------------------------------------- reading DeepSpeed
-
-
-class OpaqueRecord:
-    """Inert stand-in for a class pickled into a DeepSpeed checkpoint (``ZeroStageEnum``,
-    ``LossScaler``, ``fragment_address``): it keeps the constructor arguments and the pickled
-    state as data and runs no code of the class it replaces."""
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> OpaqueRecord:
-        record = super().__new__(cls)
-        record.args = args
-        return record
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.args = args
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-    def __int__(self) -> int:
-        # an IntEnum such as ZeroStageEnum pickles as (class, (value,))
-        if len(self.args) == 1 and isinstance(self.args[0], int):
-            return self.args[0]
-        raise TypeError("this record holds no integer")
-
-
-def _is_opaque_candidate(name: str) -> bool:
-    """Globals that become ``OpaqueRecord``: DeepSpeed's own classes. Anything else outside
-    torch's weights-only allowlist is refused."""
-    return name.startswith("deepspeed.")
-
-
-def load_deepspeed_file(path: Path) -> Any:
-    """``torch.load(path, weights_only=True)`` with DeepSpeed's classes read as inert records."""
-    try:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    except Exception as err:  # a truncated or foreign zip: say which file
-        raise ExportError(f"{path}: not a readable torch checkpoint file ({err})") from err
-    refused = sorted(name for name in unsafe if not _is_opaque_candidate(name))
-    if refused:
-        raise ExportError(
-            f"{path}: refers to {', '.join(refused)}, which weights-only loading does not "
-            "allow and export does not know: not a checkpoint of this project?"
-        )
-    stand_ins = [(OpaqueRecord, name) for name in unsafe]
-    try:
-        with torch.serialization.safe_globals(stand_ins):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        raise ExportError(f"{path}: cannot be read safely ({err})") from err
-
-
-def _natural_key(path: Path) -> list:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
-
-
-def _as_int(value: Any) -> int:
-    return int(value) if not isinstance(value, (list, tuple)) else max(int(v) for v in value)
-
-
-@dataclass
-class ConsolidatedCheckpoint:
-    """One checkpoint tag merged into a plain state dict, and what was saved next to it."""
-
-    state_dict: dict[str, torch.Tensor]
-    """Full (unpartitioned) tensors by parameter name; fp32 where an fp32 master existed."""
-    tag_dir: Path
-    zero_stage: int
-    world_size: int
-    """Ranks that saved the checkpoint."""
-    weights_source: str
-    """"fp32 master" (ZeRO optimizer partitions) or "module" (the engine's module weights)."""
-    run: dict[str, Any]
-    """``config.json`` of the tag: {"config": resolved run config, "world_size", "step"}."""
-    trainer_states: list[dict[str, Any]] = field(default_factory=list)
-    """``trainer_state_rank*.json`` of every rank, in rank order."""
-
-    @property
-    def step(self) -> int:
-        return int(self.run.get("step") or self.trainer_states[0]["train_state"]["step"])
-
-    @property
-    def output_dir(self) -> Path:
-        """The training run's ``train.output_dir`` (eval/, summary.json, mlflow.db)."""
-        return self.tag_dir.parent.parent
-
-    @property
-    def mlflow_run_id(self) -> str | None:
-        for state in self.trainer_states:
-            run_id = state.get("train_state", {}).get("tracking_run_id")
-            if run_id:
-                return run_id
-        return None
-
-
-def resolve_tag_dir(checkpoint: str | Path, tag: str | None = None) -> Path:
-    """A training output dir, its ``checkpoints`` dir, or a tag dir → the tag dir to export."""
-    path = Path(checkpoint)
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
-    if tag is not None:
-        tag_dir = path / tag
-    elif (path / checkpoints.LATEST).is_file():
-        latest = checkpoints.latest_tag(path)
-        if latest is None:
-            raise ExportError(f"{path / checkpoints.LATEST} names a tag that does not exist")
-        tag_dir = path / latest
-    else:
-        tag_dir = path
-    if not any(tag_dir.glob("*_model_states.pt")):
-        raise ExportError(
-            f"{tag_dir}: no DeepSpeed checkpoint here (no *_model_states.pt); pass a training "
-            "output dir, its checkpoints/ dir or a step_XXXXXXXX tag dir"
-        )
-    return tag_dir
-
-
-def consolidate_checkpoint(
-    checkpoint: str | Path, tag: str | None = None
-) -> ConsolidatedCheckpoint:
-    """Merge the per-rank files of one DeepSpeed tag into full tensors, in this process.
-
-    ZeRO 1-3 keep an fp32 master copy of every trainable parameter, partitioned over the ranks
-    in the optimizer files: that is what is merged (exact even for a bf16 run). ZeRO 0 keeps the
-    whole module in the model file.
-    """
-    tag_dir = resolve_tag_dir(checkpoint, tag)
-    config_file = tag_dir / "config.json"
-    run = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    trainer_states = [
-        json.loads(path.read_text())
-        for path in sorted(tag_dir.glob("trainer_state_rank*.json"), key=_natural_key)
-    ]
-    model_files = sorted(tag_dir.glob("*_model_states.pt"), key=_natural_key)
-    optim_files = sorted(tag_dir.glob("*_optim_states.pt"), key=_natural_key)
-    model_states = [load_deepspeed_file(path) for path in model_files]
-    first = model_states[0]
-    if not isinstance(first, dict) or "module" not in first:
-        raise ExportError(f"{model_files[0]}: not a DeepSpeed model state file (no 'module')")
-
-    optimizer_states = [load_deepspeed_file(path) for path in optim_files]
-    zero = [state.get("optimizer_state_dict", {}) for state in optimizer_states]
-    zero_stage = _as_int(zero[0]["zero_stage"]) if zero and "zero_stage" in zero[0] else 0
-    if zero_stage == 0:
-        state_dict = {name: tensor for name, tensor in first["module"].items()}
-        consolidated = ConsolidatedCheckpoint(
-            state_dict, tag_dir, 0, int(run.get("world_size", 1)), "module", run, trainer_states
-        )
-        dtypes = {str(t.dtype) for t in state_dict.values() if t.is_floating_point()}
-        log.info("read %s: no ZeRO partitions, module weights (%s)", tag_dir, ", ".join(dtypes))
-        if dtypes - {"torch.float32"}:
-            # DeepSpeed's bf16 optimizer without ZeRO keeps fp32 masters in bf16_zero_* files;
-            # they are not merged here, so the export has the precision of the module.
-            log.warning("ZeRO-0 checkpoint with %s module weights: exporting those", dtypes)
-        return consolidated
-
-    world_size = _as_int(zero[0]["partition_count"])
-    if len(optimizer_states) != world_size:
-        raise ExportError(
-            f"{tag_dir}: {len(optimizer_states)} optimizer files for a world of {world_size} "
-            "ranks; the checkpoint is incomplete"
-        )
-    buffer_names = set(first.get("buffer_names", ()))
-    state_dict = {name: tensor for name, tensor in first["module"].items() if name in buffer_names}
-    if zero_stage <= 2:
-        groups = [state["single_partition_of_fp32_groups"] for state in zero]
-        paddings = zero[0].get("param_alignment_paddings")
-        state_dict |= _merge_zero2(first["param_shapes"], groups, paddings, world_size, tag_dir)
-        state_dict |= dict(first.get("frozen_param_fragments") or {})
-    else:
-        groups = [state["fp32_flat_groups"] for state in zero]
-        state_dict |= _merge_zero3(first["param_shapes"], groups, world_size, tag_dir)
-        state_dict |= _merge_zero3_frozen(model_states, world_size)
-    for name, source in (first.get("shared_params") or {}).items():
-        if source in state_dict:
-            state_dict[name] = state_dict[source]
-    log.info("read %s: ZeRO-%d, %d ranks, fp32 master weights", tag_dir, zero_stage, world_size)
-    return ConsolidatedCheckpoint(
-        state_dict, tag_dir, zero_stage, world_size, "fp32 master", run, trainer_states
-    )
-
-
-def _merge_zero2(
-    param_shapes: list[dict[str, torch.Size]],
-    partitions: list[list[torch.Tensor]],  # [rank][group] flat fp32 partition
-    paddings: list[list[int]] | None,
-    world_size: int,
-    tag_dir: Path,
-) -> dict[str, torch.Tensor]:
-    """ZeRO 1/2: each group is one flat vector cut into ``world_size`` equal slices; the
-    parameters lie in it one after the other (with optional per-parameter alignment padding),
-    the whole padded to a multiple of 2 × world size."""
-    merged: dict[str, torch.Tensor] = {}
-    for group, shapes in enumerate(param_shapes):
-        flat = torch.cat([rank_groups[group] for rank_groups in partitions])
-        offset = 0
-        for index, (name, shape) in enumerate(shapes.items()):
-            numel = math.prod(shape)
-            merged[name] = flat.narrow(0, offset, numel).view(shape).clone()
-            offset += numel + (paddings[group][index] if paddings else 0)
-        align = 2 * world_size
-        if math.ceil(offset / align) * align != math.ceil(flat.numel() / align) * align:
-            raise ExportError(
-                f"{tag_dir}: parameter group {group} holds {flat.numel()} values, its "
-                f"parameters need {offset}: the model states and optimizer files disagree"
-            )
-    return merged
-
-
-def _merge_zero3(
-    param_shapes: list[dict[str, torch.Size]],
-    partitions: list[list[torch.Tensor]],  # [rank][group] flat fp32 partition
-    world_size: int,
-    tag_dir: Path,
-) -> dict[str, torch.Tensor]:
-    """ZeRO 3: every parameter is split over the ranks by itself, ``ceil(numel / world_size)``
-    values each (the last rank's slice padded), and each rank's slices lie one after the other
-    in its flat partition."""
-    flats = [torch.cat(list(rank_groups)) for rank_groups in partitions]  # [rank] (P,)
-    merged: dict[str, torch.Tensor] = {}
-    offset = 0
-    for shapes in param_shapes:
-        for name, shape in shapes.items():
-            numel = math.prod(shape)
-            width = math.ceil(numel / world_size)
-            pieces = [flat.narrow(0, offset, width) for flat in flats]
-            merged[name] = torch.cat(pieces)[:numel].view(shape).clone()
-            offset += width
-    if offset != flats[0].numel():
-        raise ExportError(
-            f"{tag_dir}: each rank holds {flats[0].numel()} values, the parameters need "
-            f"{offset}: the model states and optimizer files disagree"
-        )
-    return merged
-
-
-def _merge_zero3_frozen(model_states: list[dict], world_size: int) -> dict[str, torch.Tensor]:
-    shapes = model_states[0].get("frozen_param_shapes") or {}
-    merged = {}
-    for name, shape in shapes.items():
-        pieces = [state["frozen_param_fragments"][name] for state in model_states]
-        merged[name] = torch.cat(pieces)[: math.prod(shape)].view(shape).clone()
-    return merged
 
 
 # --------------------------------------------------------------------------- export layout
@@ -371,22 +111,8 @@ class ExportComponent:
             raise ValueError(f"component name {self.name!r}: use letters, digits, _ and -")
 
 
-@dataclass
-class ModelCard:
-    """What the card says beyond what the config and weights show."""
-
-    source: str = ""
-    """Where the weights came from (checkpoint tag dir)."""
-    step: int | None = None
-    mlflow_run_id: str | None = None
-    zero_stage: int | None = None
-    world_size: int | None = None
-    preset: str | None = None
-    training_data: dict[str, Any] = field(default_factory=dict)
-    evaluation: dict[str, Any] = field(default_factory=dict)
-
-
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (weight files need not fit in memory)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -466,7 +192,7 @@ def export_model(
     atomic_write_text(out / VIDEO_ENCODER_DIR / PREPROCESSING_FILE, preprocessing_json)
     tokenizer.save_pretrained(out / TEXT_ENCODER_DIR)
 
-    files = {path.name: _file_sha256(path) for path in _weight_files(out)}
+    files = {path.name: file_sha256(path) for path in _weight_files(out)}
     model_id = f"{MODEL_TYPE}@{hashlib.sha256(json.dumps(files).encode()).hexdigest()[:12]}"
     info = {
         "format": EXPORT_FORMAT,
@@ -533,7 +259,7 @@ def add_component(export_dir: str | Path, component: ExportComponent, card: bool
     temporary.replace(path)
     info["components"][component.name] = {
         "file": f"{COMPONENTS_DIR}/{path.name}",
-        "sha256": _file_sha256(path),
+        "sha256": file_sha256(path),
         "shapes": {name: list(tensor.shape) for name, tensor in tensors.items()},
         "config": component.config,
         "description": component.description,
@@ -551,20 +277,6 @@ def read_info(export_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-# --------------------------------------------------------------------------- model card
-
-
-def _card_section_training(card: ModelCard) -> list[str]:
-    lines = []
-    data = card.training_data
-    if data:
-        lines.append("## Training data\n")
-        for key, value in data.items():
-            lines.append(f"- {key}: {value}")
-        lines.append("")
-    return lines
-
-
 def write_model_card(export_dir: Path, card: ModelCard | None) -> None:
     """README.md of the export. Called again when a component is added: the card then keeps
     what the previous card recorded (stored in ``export_info.json`` as ``card``)."""
@@ -575,124 +287,13 @@ def write_model_card(export_dir: Path, card: ModelCard | None) -> None:
         info["card"] = dataclasses.asdict(card)
         atomic_write_text(export_dir / INFO_FILE, json.dumps(info, indent=2))
     config = json.loads((export_dir / "config.json").read_text())
-    video, text = config["video_config"], config["text_config"]
     preprocessing = json.loads((export_dir / PREPROCESSING_FILE).read_text())
-    lines = [
-        f"# {info['model_id']}",
-        "",
-        "Video-text dual encoder pretrained by vidrec: a VideoMAE video tower and a BERT text",
-        "tower projected into one L2-normalized embedding space (contrastive, masked video and",
-        "video-conditioned masked language modelling), for text-to-video retrieval and as the",
-        "item encoder of the recommender.",
-        "",
-        "## Model",
-        "",
-        f"- preset: {card.preset or 'custom (no shipped config matches)'}",
-        f"- parameters: {info['parameters']:,} (weights stored as {info['dtype']})",
-        f"- video tower: VideoMAE, {video['num_hidden_layers']} layers × {video['hidden_size']}, "
-        f"{video['num_frames']} frames of {video['image_size']} px, tubelets "
-        f"{video['tubelet_size']}×{video['patch_size']}×{video['patch_size']}",
-        f"- text tower: BERT, {text['num_hidden_layers']} layers × {text['hidden_size']}, "
-        f"vocabulary {text['vocab_size']}, {config['text_pooling']} pooling",
-        f"- joint embedding: {config['embed_dim']} dimensions, fusion layers: "
-        f"{config['fusion_num_layers']}",
-        f"- input: {preprocessing['num_frames']} frames (uniform), centre crop "
-        f"{preprocessing['image_size']} px, fps {preprocessing.get('fps') or 'unknown'}; "
-        f"text up to {preprocessing['max_text_length']} tokens",
-        "",
-        "## Provenance",
-        "",
-        f"- checkpoint: `{card.source or 'n/a'}` (step {card.step}, ZeRO-{card.zero_stage}, "
-        f"{card.world_size} ranks)",
-        f"- MLflow run: {card.mlflow_run_id or 'n/a'}",
-        f"- model_id: `{info['model_id']}` (hash of the weight files; embeddings carry it)",
-        "",
-    ]
-    lines += _card_section_training(card)
-    if card.evaluation:
-        lines += ["## Evaluation (held-out retrieval)", ""]
-        lines += [f"- {key}: {value}" for key, value in card.evaluation.items()]
-        lines.append("")
-    if info["components"]:
-        lines += ["## Components", ""]
-        for name, entry in info["components"].items():
-            lines.append(f"- `{entry['file']}`: {entry['description'] or name}")
-        lines.append("")
-    lines += [
-        "## Use",
-        "",
-        "```python",
-        "from pretrain.export import load_export",
-        "exported = load_export(path)",
-        "video_embeds = exported.embed_video(clips)   # (B, T, C, H, W) uint8 → (B, E)",
-        "text_embeds = exported.embed_text(['a red square moving left'])",
-        "```",
-        "",
-        f"`{VIDEO_ENCODER_DIR}/` and `{TEXT_ENCODER_DIR}/` load with `transformers.AutoModel`",
-        "alone (no vidrec code): they give token features, not the joint embedding (the",
-        "projections, the video norm and the pooling are vidrec's). The text encoder has no",
-        "pooler: the pooler weights that BertModel creates are untrained.",
-        "",
-        "## Limits",
-        "",
-        "- Trained on the data above only; embeddings of other domains are not evaluated.",
-        "- Clips must be preprocessed as in `video_preprocessing.json` (frame count, size,",
-        "  centre crop); the model normalizes pixels itself.",
-        "- Retrieval figures are from the held-out shards of the training run, small and",
-        "  in-domain; they are not a benchmark result.",
-        "",
-    ]
-    atomic_write_text(export_dir / CARD_FILE, "\n".join(lines))
+    towers = (VIDEO_ENCODER_DIR, TEXT_ENCODER_DIR)
+    text = render_model_card(card, info, config, preprocessing, towers)
+    atomic_write_text(export_dir / CARD_FILE, text)
 
 
 # --------------------------------------------------------------------------- from a checkpoint
-
-
-def _training_data(run_config: Mapping[str, Any], trainer_states: list[dict]) -> dict[str, Any]:
-    """Shard-set figures from the training set's index.json, and what the ranks consumed."""
-    data = run_config.get("data", {})
-    stats: dict[str, Any] = {"shards": data.get("train_shards", "")}
-    index = Path(str(data.get("train_shards", ""))) / "index.json"
-    if index.is_file():
-        content = json.loads(index.read_text())
-        settings = content.get("settings", {})
-        stats["clips"] = content.get("total_samples")
-        stats["shard files"] = content.get("total_shards")
-        stats["hours of video"] = round(content.get("total_clip_seconds", 0) / 3600, 3)
-        stats["clip format"] = (
-            f"up to {settings.get('clip_seconds')} s at {settings.get('fps')} fps, "
-            f"short side {settings.get('short_side')} px"
-        )
-    seen = [state.get("train_state", {}).get("samples_seen") for state in trainer_states]
-    if seen and all(isinstance(value, int) for value in seen):
-        stats["clips seen in training (all ranks)"] = sum(seen)
-    if data.get("eval_shards"):
-        stats["eval_shards"] = data["eval_shards"]
-    return stats
-
-
-def _evaluation(output_dir: Path, step: int) -> dict[str, Any]:
-    """The newest ``eval/step_*.json`` at or before the exported step, if the run wrote one."""
-    reports = sorted((output_dir / "eval").glob("step_*.json"))
-    chosen = [path for path in reports if int(path.stem.split("_")[1]) <= step]
-    if not chosen:
-        return {}
-    return json.loads(chosen[-1].read_text())
-
-
-def _preset(model_section: Mapping[str, Any]) -> str | None:
-    """The shipped launch config whose model section this run used, if one matches."""
-    import yaml
-
-    configs = Path(__file__).resolve().parent.parent / "launch" / "configs"
-    for path in sorted(configs.glob("*.yaml")):
-        try:
-            shipped = (yaml.safe_load(path.read_text()) or {}).get("model", {})
-        except yaml.YAMLError:
-            continue
-        if shipped and all(model_section.get(key) == value for key, value in shipped.items()):
-            return path.stem
-    return None
 
 
 def _preprocessing(run_config: Mapping[str, Any], model_config) -> VideoPreprocessing:
@@ -736,20 +337,10 @@ def export_checkpoint(
     # Built for real, not on the meta device: non-persistent buffers and the decoder's sin-cos
     # table are not in the checkpoint and must exist. The random init is overwritten at once.
     model = VideoTextModel(model_config)
-    _check_state_dict(model, consolidated.state_dict, str(consolidated.tag_dir))
-    model.load_state_dict(consolidated.state_dict, strict=False)
+    load_weights(model, consolidated.state_dict, str(consolidated.tag_dir))
     model.tie_weights()
     tokenizer = load_tokenizer(model_config.text_model_dir or None)
-    card = ModelCard(
-        source=str(consolidated.tag_dir),
-        step=consolidated.step,
-        mlflow_run_id=consolidated.mlflow_run_id,
-        zero_stage=consolidated.zero_stage,
-        world_size=consolidated.world_size,
-        preset=_preset(run_config.get("model", {})),
-        training_data=_training_data(run_config, consolidated.trainer_states),
-        evaluation=_evaluation(consolidated.output_dir, consolidated.step),
-    )
+    card = checkpoint_card(consolidated)
     return export_model(
         model,
         out_dir,
@@ -760,38 +351,6 @@ def export_checkpoint(
         dtype=dtype,
         max_shard_size=max_shard_size,
     )
-
-
-def _check_loading_report(report: Mapping[str, Any], model, directory: Path) -> None:
-    tied = set(getattr(model, "_tied_weights_keys", None) or {})
-    problems = [
-        f"tensor {name} has shape {list(stored)}, the config needs {list(expected)}"
-        for name, stored, expected in sorted(report.get("mismatched_keys", ()))
-    ]
-    problems += [f"tensor {name} is missing" for name in sorted(set(report["missing_keys"]) - tied)]
-    problems += [f"unexpected tensor {name}" for name in sorted(report["unexpected_keys"])]
-    problems += list(report.get("error_msgs", ()))
-    if problems:
-        raise ExportError(f"{directory}: " + "; ".join(problems[:10]))
-
-
-def _check_state_dict(model, state_dict: Mapping[str, torch.Tensor], where: str) -> None:
-    """Every tensor the model has, present and of its shape; nothing unknown."""
-    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    tied = set(getattr(model, "_tied_weights_keys", None) or {})
-    problems = []
-    for name, shape in expected.items():
-        if name not in state_dict:
-            if name not in tied:
-                problems.append(f"tensor {name} is missing (expected shape {list(shape)})")
-        elif tuple(state_dict[name].shape) != shape:
-            problems.append(
-                f"tensor {name} has shape {list(state_dict[name].shape)}, "
-                f"the config needs {list(shape)}"
-            )
-    problems += [f"unexpected tensor {name}" for name in sorted(set(state_dict) - set(expected))]
-    if problems:
-        raise ExportError(f"{where}: " + "; ".join(problems[:10]))
 
 
 # --------------------------------------------------------------------------- loading
@@ -896,7 +455,7 @@ def load_export(
         _safetensors_shapes(path)  # whole and readable, or an error naming the file
     for name, digest in info.get("weights_sha256", {}).items():
         path = directory / name
-        if _file_sha256(path) != digest:
+        if file_sha256(path) != digest:
             raise ExportError(f"{path}: content differs from the export (sha256 mismatch)")
 
     torch_dtype = DTYPES[dtype or info.get("dtype", "fp32")]
@@ -909,7 +468,14 @@ def load_export(
         output_loading_info=True,
         ignore_mismatched_sizes=True,
     )
-    _check_loading_report(report, model, directory)
+    check_weights(
+        model,
+        directory,
+        missing=report["missing_keys"],
+        unexpected=report["unexpected_keys"],
+        mismatched=report.get("mismatched_keys", ()),
+        errors=report.get("error_msgs", ()),
+    )
     model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     preprocessing = VideoPreprocessing.from_json(directory / PREPROCESSING_FILE)

@@ -25,14 +25,14 @@ from test_pretrain_train import tiny, world  # noqa: F401  (world is a fixture)
 
 import vidrec_cli
 from data_shards.reader import ReaderConfig, build_loader
+from pretrain.checkpoint import load_weights
+from pretrain.consolidate import consolidate_checkpoint, load_deepspeed_file
 from pretrain.embed import embed_clips, embed_texts
 from pretrain.export import (
     ExportComponent,
     ExportError,
     add_component,
-    consolidate_checkpoint,
     export_checkpoint,
-    load_deepspeed_file,
     load_export,
 )
 from pretrain.train import Pretrainer
@@ -296,6 +296,21 @@ def test_checkpoint_files_naming_foreign_classes_are_refused(tmp_path):
     torch.save({"module": {}, "payload": NotDeepSpeed()}, path)
     with pytest.raises(ExportError, match=r"NotDeepSpeed.*weights-only loading does not allow"):
         load_deepspeed_file(path)
+
+
+def test_weights_that_do_not_fit_are_refused_naming_every_tensor():
+    """The one check behind export, load_export and the recommender: shapes, missing and
+    unknown tensors, each named; missing tensors the caller ties afterwards may be left out."""
+    module = torch.nn.Linear(3, 2)
+    weights = {"weight": torch.zeros(2, 2), "extra": torch.zeros(1)}
+    with pytest.raises(
+        ExportError,
+        match=r"^here: tensor weight has shape \[2, 2\], the config needs \[2, 3\]; "
+        r"tensor bias is missing \(expected shape \[2\]\); unexpected tensor extra$",
+    ):
+        load_weights(module, weights, "here")
+    load_weights(module, {"weight": torch.ones(2, 3)}, "here", ignore_missing=("bias",))
+    assert torch.equal(module.weight, torch.ones(2, 3))
 
 
 # ------------------------------------------------------------------------------ components

@@ -1,5 +1,5 @@
-"""``vidrec export`` (checkpoint → self-contained model directory) and ``vidrec embed`` (clip and
-query embeddings from such a directory into Parquet)."""
+"""``vidrec embed``: clip and query embeddings from an export directory (``vidrec export``)
+into Parquet."""
 
 from __future__ import annotations
 
@@ -8,27 +8,6 @@ import sys
 
 
 def add_parser(commands) -> None:
-    export = commands.add_parser(
-        "export", help="export a pretraining checkpoint as a self-contained model directory"
-    )
-    export.add_argument(
-        "--checkpoint", required=True,
-        help="training output dir, its checkpoints/ dir, or one step_XXXXXXXX tag dir "
-        "(pretrain or finetune: a finetune run exports as a recommender)",
-    )  # fmt: skip
-    export.add_argument("--out", required=True, help="new (or empty) directory to write")
-    export.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    export.add_argument("--tag", help="checkpoint tag to export (default: the one 'latest' names)")
-    export.add_argument(
-        "--max-shard-size", default="2GB", help="split model.safetensors above this size"
-    )
-    export.add_argument(
-        "--register", metavar="NAME",
-        help="also log the export to MLflow and register it as model NAME",
-    )  # fmt: skip
-    export.add_argument("--tracking-uri", help="MLflow tracking URI for --register")
-    export.set_defaults(run=_run_export)
-
     embed = commands.add_parser(
         "embed", help="clip embeddings of shards, or text embeddings of queries, to Parquet"
     )
@@ -47,33 +26,6 @@ def add_parser(commands) -> None:
     embed.add_argument("--device", help="e.g. cpu, cuda:0 (default: cuda:LOCAL_RANK if present)")
     embed.add_argument("--no-progress", action="store_true", help="no progress bar")
     embed.set_defaults(run=_run_embed)
-
-
-def _run_export(args: argparse.Namespace) -> int:
-    from finetune.export import export_finetune, is_finetune_checkpoint
-    from pretrain.export import ExportError, export_checkpoint
-
-    # A finetune run's checkpoint says so in its config.json: it exports as a recommender.
-    finetune = is_finetune_checkpoint(args.checkpoint, args.tag)
-    write = export_finetune if finetune else export_checkpoint
-    try:
-        out = write(
-            args.checkpoint,
-            args.out,
-            dtype=args.dtype,
-            tag=args.tag,
-            max_shard_size=args.max_shard_size,
-        )
-    except (ExportError, FileNotFoundError) as err:
-        print(f"vidrec export: {err}", file=sys.stderr)
-        return 2
-    print(f"exported to {out}")
-    if args.register:
-        from pretrain.pyfunc import log_export
-
-        uri = log_export(out, registered_model_name=args.register, tracking_uri=args.tracking_uri)
-        print(f"registered as {uri}")
-    return 0
 
 
 def _run_embed(args: argparse.Namespace) -> int:

@@ -1,0 +1,60 @@
+"""``vidrec export``: a training checkpoint → a self-contained model directory.
+
+It lives above both stages because it picks the exporter by the checkpoint: a finetune run's
+exports as a recommender (``finetune.export``), a pretraining run's as the video-text model
+(``pretrain.export``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from finetune.export import export_finetune, is_finetune_checkpoint
+from pretrain.export import ExportError, export_checkpoint
+
+
+def add_parser(commands) -> None:
+    export = commands.add_parser(
+        "export", help="export a pretraining checkpoint as a self-contained model directory"
+    )
+    export.add_argument(
+        "--checkpoint", required=True,
+        help="training output dir, its checkpoints/ dir, or one step_XXXXXXXX tag dir "
+        "(pretrain or finetune: a finetune run exports as a recommender)",
+    )  # fmt: skip
+    export.add_argument("--out", required=True, help="new (or empty) directory to write")
+    export.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    export.add_argument("--tag", help="checkpoint tag to export (default: the one 'latest' names)")
+    export.add_argument(
+        "--max-shard-size", default="2GB", help="split model.safetensors above this size"
+    )
+    export.add_argument(
+        "--register", metavar="NAME",
+        help="also log the export to MLflow and register it as model NAME",
+    )  # fmt: skip
+    export.add_argument("--tracking-uri", help="MLflow tracking URI for --register")
+    export.set_defaults(run=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    # A finetune run's checkpoint says so in its config.json: it exports as a recommender.
+    finetune = is_finetune_checkpoint(args.checkpoint, args.tag)
+    write = export_finetune if finetune else export_checkpoint
+    try:
+        out = write(
+            args.checkpoint,
+            args.out,
+            dtype=args.dtype,
+            tag=args.tag,
+            max_shard_size=args.max_shard_size,
+        )
+    except (ExportError, FileNotFoundError) as err:
+        print(f"vidrec export: {err}", file=sys.stderr)
+        return 2
+    print(f"exported to {out}")
+    if args.register:
+        from pretrain.pyfunc import log_export
+
+        uri = log_export(out, registered_model_name=args.register, tracking_uri=args.tracking_uri)
+        print(f"registered as {uri}")
+    return 0
