@@ -6,24 +6,15 @@ import argparse
 import json
 import sys
 
+from pretrain.cli import add_config_arguments
+
 
 def add_parser(commands) -> None:
     finetune = commands.add_parser(
         "finetune",
         help="finetune a recommender on pretrained encoders (deepspeed, torchrun, srun or alone)",
     )
-    finetune.add_argument(
-        "--config", required=True, help="YAML, e.g. launch/configs/finetune_small.yaml"
-    )
-    finetune.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config field, e.g. --set encoder.mode=top_k (repeatable)",
-    )  # fmt: skip
-    finetune.add_argument(
-        "--check", action="store_true",
-        help="validate, print the resolved config and DeepSpeed JSON, start nothing",
-    )  # fmt: skip
-    finetune.add_argument("--world-size", type=int, default=1, help="world size assumed by --check")
+    add_config_arguments(finetune, "launch/configs/finetune_small.yaml", "encoder.mode=top_k")
     finetune.set_defaults(run=_run)
 
 

@@ -31,6 +31,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -133,18 +134,24 @@ def locate_clips(catalogue: ItemCatalogue, shard_dirs: Sequence[str]) -> ClipSou
     return ClipSources(directories, keys, primary)
 
 
-def _clip_batches(
-    sources: ClipSources,
-    num_frames: int,
-    size: int,
-    batch_size: int,
-    workers: int,
-    world: World,
-    tokenizer,
-    description: str,
-):
+@dataclass
+class ClipReading:
+    """How the ranks read the items' clips from the shards, together (each its share)."""
+
+    num_frames: int
+    size: int
+    batch_size: int
+    """Clips or texts per encoder forward."""
+    workers: int
+    """DataLoader workers per rank."""
+    world: World
+    tokenizer: Any
+
+
+def _clip_batches(sources: ClipSources, reading: ClipReading, description: str):
     """This rank's share of all clips: yields (directory index, keys, item indices (B,),
     video (B, T, C, H, W) uint8) for the clips of catalogue items."""
+    world, batch_size = reading.world, reading.batch_size
     per_step = world.world_size * batch_size
     total = sum(-(-len(keys) // per_step) for keys in sources.keys)
     with tqdm(total=total, desc=description, disable=not world.is_main, unit="batch") as bar:
@@ -153,15 +160,15 @@ def _clip_batches(
                 ReaderConfig(
                     shards=directory,
                     mode="eval",
-                    num_frames=num_frames,
-                    size=size,
+                    num_frames=reading.num_frames,
+                    size=reading.size,
                     batch_size=batch_size,
-                    num_workers=workers,
+                    num_workers=reading.workers,
                     max_text_length=8,  # the captions of the shards are not used here
                 ),
                 rank=world.rank,
                 world_size=world.world_size,
-                tokenizer=tokenizer,
+                tokenizer=reading.tokenizer,
             )
             mapping = sources.keys[directory_index]
             for batch in loader:
@@ -198,15 +205,10 @@ def compute_content(
     encoder: VideoTextModel,
     texts: ItemTexts,
     sources: ClipSources,
-    *,
-    num_frames: int,
-    size: int,
-    batch_size: int,
-    workers: int,
-    world: World,
-    tokenizer,
+    reading: ClipReading,
 ) -> ContentEmbeddings:
     """Every item's content (fields (N + 1, E)), encoded in slices across ranks, on every rank."""
+    world, batch_size = reading.world, reading.batch_size
     was_training = encoder.training
     encoder.eval()  # no dropout: the cache must equal a frozen encoder's live output
     device = next(encoder.parameters()).device
@@ -214,9 +216,7 @@ def compute_content(
     embed_dim = encoder.config.embed_dim
 
     clip_items, clip_embeddings = [], []
-    for _, _, items, video in _clip_batches(
-        sources, num_frames, size, batch_size, workers, world, tokenizer, "item clips"
-    ):
+    for _, _, items, video in _clip_batches(sources, reading, "item clips"):
         _, embedding = encoder.encode_video(video.to(device))  # (B, E), normalized
         clip_items.append(items)
         clip_embeddings.append(embedding.float().cpu())
@@ -267,17 +267,11 @@ def load_or_compute_content(
     encoder: VideoTextModel,
     texts: ItemTexts,
     sources: ClipSources,
-    *,
-    num_frames: int,
-    size: int,
-    batch_size: int,
-    workers: int,
-    world: World,
-    tokenizer,
+    reading: ClipReading,
 ) -> ContentEmbeddings:
     """The cache at ``path`` when its fingerprint matches, else computed and written there."""
-    path = Path(path)
-    fingerprint = content_fingerprint(encoder, texts, sources, num_frames, size)
+    path, world = Path(path), reading.world
+    fingerprint = content_fingerprint(encoder, texts, sources, reading.num_frames, reading.size)
     reuse = False
     if world.is_main and path.is_file():
         from safetensors import safe_open
@@ -289,17 +283,7 @@ def load_or_compute_content(
     if broadcast_object(reuse):
         log.info("content cache %s reused", path)
         return read_content_cache(path)
-    content = compute_content(
-        encoder,
-        texts,
-        sources,
-        num_frames=num_frames,
-        size=size,
-        batch_size=batch_size,
-        workers=workers,
-        world=world,
-        tokenizer=tokenizer,
-    )
+    content = compute_content(encoder, texts, sources, reading)
     if world.is_main:
         tensors = {
             "video": content.video.contiguous(),
@@ -350,17 +334,12 @@ def build_clip_store(
     output_dir: str | Path,
     sources: ClipSources,
     num_items: int,
-    *,
-    num_frames: int,
-    size: int,
-    batch_size: int,
-    workers: int,
-    world: World,
-    tokenizer,
+    reading: ClipReading,
 ) -> ClipStore:
     """The clip store under ``output_dir``, built from the shards unless an up-to-date one is
     there. Each rank writes the rows of the primary clips it reads (every row once)."""
-    output_dir = Path(output_dir)
+    output_dir, world = Path(output_dir), reading.world
+    num_frames, size = reading.num_frames, reading.size
     path, meta_path = output_dir / CLIP_STORE_FILE, output_dir / CLIP_STORE_META
     fingerprint = hashlib.sha256(
         f"{sources.fingerprint()}:{num_items}:{num_frames}:{size}".encode()
@@ -384,9 +363,7 @@ def build_clip_store(
     barrier()
     store = np.load(partial, mmap_mode="r+")
     written = []
-    for directory_index, keys, items, video in _clip_batches(
-        sources, num_frames, size, batch_size, workers, world, tokenizer, "clip store"
-    ):
+    for directory_index, keys, items, video in _clip_batches(sources, reading, "clip store"):
         for key, item, clip in zip(keys, items.tolist(), video, strict=True):
             if sources.primary.get((directory_index, key)) == item:
                 store[item] = clip.numpy()

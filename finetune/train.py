@@ -33,6 +33,7 @@ from finetune.interactions import (
 )
 from finetune.item_content import (
     CACHE_FILE,
+    ClipReading,
     build_clip_store,
     load_or_compute_content,
     locate_clips,
@@ -131,13 +132,13 @@ class Finetuner(Trainer):
         )
         texts = tokenize_catalogue(catalogue, tokenizer, data_config.max_text_length)
         sources = locate_clips(catalogue, data_config.shards)
-        content_args = dict(
-            num_frames=video.num_frames,
-            size=video.image_size,
-            batch_size=data_config.content_batch_size,
-            workers=data_config.workers,
-            world=world,
-            tokenizer=tokenizer,
+        reading = ClipReading(
+            video.num_frames,
+            video.image_size,
+            data_config.content_batch_size,
+            data_config.workers,
+            world,
+            tokenizer,
         )
         items = ItemSource(
             torch.from_numpy(self.batcher.popularity > 0),
@@ -146,10 +147,10 @@ class Finetuner(Trainer):
         )
         if self.config.encoder.mode == "frozen":
             items.cache = load_or_compute_content(
-                self.output_dir / CACHE_FILE, encoder, texts, sources, **content_args
+                self.output_dir / CACHE_FILE, encoder, texts, sources, reading
             ).to(world.device)
         else:
-            items.clips = build_clip_store(self.output_dir, sources, self.num_items, **content_args)
+            items.clips = build_clip_store(self.output_dir, sources, self.num_items, reading)
         return items
 
     # ----------------------------------------------------------------------------- loop hooks

@@ -12,17 +12,22 @@ def add_parser(commands) -> None:
         "pretrain",
         help="pretrain the video-text model (run under deepspeed, torchrun, srun or alone)",
     )
-    pretrain.add_argument("--config", required=True, help="YAML, e.g. launch/configs/small.yaml")
-    pretrain.add_argument(
+    add_config_arguments(pretrain, "launch/configs/small.yaml", "train.steps=500")
+    pretrain.set_defaults(run=_run)
+
+
+def add_config_arguments(parser, config_example: str, override_example: str) -> None:
+    """A stage's config options: ``--config``, ``--set`` overrides, ``--check``."""
+    parser.add_argument("--config", required=True, help=f"YAML, e.g. {config_example}")
+    parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config field, e.g. --set train.steps=500 (repeatable)",
+        help=f"override a config field, e.g. --set {override_example} (repeatable)",
     )  # fmt: skip
-    pretrain.add_argument(
+    parser.add_argument(
         "--check", action="store_true",
         help="validate, print the resolved config and DeepSpeed JSON, start nothing",
     )  # fmt: skip
-    pretrain.add_argument("--world-size", type=int, default=1, help="world size assumed by --check")
-    pretrain.set_defaults(run=_run)
+    parser.add_argument("--world-size", type=int, default=1, help="world size assumed by --check")
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from test_pretrain_train import world  # noqa: F401  (the module-wide process group fixture)
 
 from finetune.config import ConfigError, load_finetune_config
-from finetune.item_content import build_clip_store, locate_clips
+from finetune.item_content import ClipReading, build_clip_store, locate_clips
 from finetune.model import PAD_ID
 from finetune.train import Finetuner
 from pretrain.config import ModelSettings, from_dict
@@ -93,11 +93,8 @@ def test_cached_content_equals_live_encoding(frozen_run, world, synthetic_shards
     config = trainer.config
     video = trainer.engine.module.item_tower.encoder.config.video_config
     sources = locate_clips(trainer.data.catalogue, config.data.shards)
-    store = build_clip_store(
-        tmp_path, sources, trainer.num_items, num_frames=video.num_frames,
-        size=video.image_size, batch_size=16, workers=0, world=world,
-        tokenizer=trainer.tokenizer,
-    )  # fmt: skip
+    reading = ClipReading(video.num_frames, video.image_size, 16, 0, world, trainer.tokenizer)
+    store = build_clip_store(tmp_path, sources, trainer.num_items, reading)
     ids = torch.arange(1, trainer.num_items + 1)
     clips, clip_mask = store.get(ids)
     texts = trainer.items.texts
