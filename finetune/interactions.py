@@ -62,6 +62,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from data_shards.records import is_missing, read_jsonl
+
 logger = logging.getLogger(__name__)
 
 PADDING_INDEX = 0
@@ -212,24 +214,13 @@ def _read_delimited(path: Path, delimiter: str, quoted: bool) -> RawTable:
 
 
 def _read_jsonl(path: Path) -> RawTable:
-    records: list[dict[str, Any]] = []
-    names: dict[str, None] = {}
     malformed: list[dict[str, Any]] = []
+
+    def skip(line_number: int, reason: str) -> None:
+        malformed.append({"line": line_number, "reason": reason})
+
     try:
-        with open(path, encoding="utf-8-sig") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    malformed.append({"line": line_number, "reason": f"not JSON ({err.msg})"})
-                    continue
-                if not isinstance(record, dict):
-                    malformed.append({"line": line_number, "reason": "not a JSON object"})
-                    continue
-                records.append(record)
-                names.update(dict.fromkeys(record))
+        records, names = read_jsonl(path, skip)
     except (UnicodeDecodeError, OSError) as err:
         raise InteractionFileError(f"{path}: cannot read ({err})") from err
     columns = {}
@@ -273,13 +264,9 @@ def _resolve_names(table: RawTable) -> None:
 # Value parsing (vectorized where the common case allows)
 
 
-def _is_missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
 def normalize_id(value: Any) -> str | None:
     """An id as text; ``None`` when missing. 7, 7.0 and "7" are one id."""
-    if _is_missing(value):
+    if is_missing(value):
         return None
     if isinstance(value, float) and value.is_integer():
         value = int(value)
@@ -305,7 +292,7 @@ def _encode(ids) -> tuple[np.ndarray, list[str]]:
 
 
 def _timestamp(value: Any) -> float:
-    if _is_missing(value) or isinstance(value, bool):
+    if is_missing(value) or isinstance(value, bool):
         return math.nan
     if isinstance(value, datetime):
         moment = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
@@ -333,7 +320,7 @@ def _floats(values: np.ndarray, parse=None) -> np.ndarray:
 
 
 def _float_or_nan(value: Any) -> float:
-    if _is_missing(value):
+    if is_missing(value):
         return math.nan
     try:
         return float(value)
@@ -419,7 +406,7 @@ class ItemCatalogue:
 
 
 def _clip_key_list(value: Any) -> tuple[str, ...]:
-    if _is_missing(value):
+    if is_missing(value):
         return ()
     if isinstance(value, (list, tuple, np.ndarray)):
         return tuple(str(key).strip() for key in value if str(key).strip())
@@ -427,10 +414,10 @@ def _clip_key_list(value: Any) -> tuple[str, ...]:
 
 
 def _text_value(value: Any) -> str:
-    if _is_missing(value):
+    if is_missing(value):
         return ""
     if isinstance(value, (list, tuple)):
-        return ", ".join(str(part) for part in value if not _is_missing(part))
+        return ", ".join(str(part) for part in value if not is_missing(part))
     return str(value).strip()
 
 
@@ -439,7 +426,7 @@ def _is_text_column(values: np.ndarray, kind: str | None) -> bool:
     strings) that are not all numbers (CSV gives every value as a string)."""
     if kind is not None:
         return kind in ("token", "token_seq")
-    present = [value for value in values if not _is_missing(value) and value != ""]
+    present = [value for value in values if not is_missing(value) and value != ""]
     if not present:
         return False
     for value in present:

@@ -98,6 +98,19 @@ def test_jsonl(tmp_path, catalogue):
     assert_reference_split(load_interactions(write_jsonl(tmp_path / "x.jsonl", records), catalogue))
 
 
+def test_jsonl_malformed_lines_are_skipped_and_counted(tmp_path, catalogue):
+    records = [json.dumps(dict(zip(COLUMNS, row, strict=True))) for row in ROWS]
+    lines = records[:3] + ["{not json", "", "[1, 2]"] + records[3:]
+    (tmp_path / "x.jsonl").write_text("\n".join(lines) + "\n")
+    data = load_interactions(tmp_path / "x.jsonl", catalogue)
+    assert_reference_split(data)
+    assert data.report.malformed_lines == 2
+    examples = data.report.examples["malformed_lines"]
+    assert [example["line"] for example in examples] == [4, 6]
+    assert examples[0]["reason"].startswith("not JSON (")
+    assert examples[1]["reason"] == "not a JSON object"
+
+
 def test_parquet(tmp_path, catalogue):
     table = pa.table({name: [row[i] for row in ROWS] for i, name in enumerate(COLUMNS)})
     pq.write_table(table, tmp_path / "x.parquet")
