@@ -93,13 +93,14 @@ def _run_build(args: argparse.Namespace) -> int:
 
 def _run_merge(args: argparse.Namespace) -> int:
     from data_shards.build import merge_index
+    from data_shards.shard_set import read_index
 
     try:
         path = merge_index(args.out)
     except (ValueError, FileNotFoundError) as err:
         print(f"vidrec shards merge-index: {err}", file=sys.stderr)
         return 2
-    index = json.loads(path.read_text())
+    index = read_index(path.parent)
     print(f"{index['total_samples']} samples in {index['total_shards']} shards → {path}")
     return 0
 

@@ -49,7 +49,6 @@ import dataclasses
 import json
 import logging
 import math
-import tarfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -63,6 +62,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from data_shards.records import is_missing, read_jsonl
+from data_shards.shard_set import iter_samples, list_shards
 
 logger = logging.getLogger(__name__)
 
@@ -518,28 +518,13 @@ def clip_keys_from_shards(shards_dir: str | Path) -> dict[str, list[str]]:
     the synthetic data both start at ``000000000_000``. Only the small ``.json`` members are
     read; the clips are not decoded.
     """
-    directory = Path(shards_dir)
-    index = directory / "index.json"
-    if index.is_file():
-        entries = json.loads(index.read_text())["shards"]
-        names = [entry["name"] if isinstance(entry, dict) else entry for entry in entries]
-        shards = [directory / name for name in names]
-    else:
-        shards = sorted(directory.glob("*.tar"))
-    if not shards:
-        raise FileNotFoundError(f"{directory}: no shards (index.json or *.tar)")
     keys: dict[str, list[str]] = {}
-    for shard in shards:
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if not member.isfile() or not member.name.endswith(".json"):
-                    continue
-                handle = tar.extractfile(member)
-                metadata = json.loads(handle.read()) if handle else {}
-                key = Path(member.name).name.split(".", 1)[0]
-                item_id = normalize_id(metadata.get("item_id")) or normalize_id(metadata.get("key"))
-                if item_id is not None:
-                    keys.setdefault(item_id, []).append(key)
+    for sample in iter_samples(list_shards(shards_dir), extensions={"json"}):
+        metadata = json.loads(sample["json"])
+        item_id = normalize_id(metadata.get("item_id")) or normalize_id(metadata.get("key"))
+        if item_id is not None:
+            # Without a member's folder, as item_content matches the reader's keys.
+            keys.setdefault(item_id, []).append(Path(sample["__key__"]).name)
     return {item_id: sorted(item_keys) for item_id, item_keys in keys.items()}
 
 
