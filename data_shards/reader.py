@@ -258,7 +258,7 @@ def center_crop(clip: torch.Tensor, size: int) -> torch.Tensor:
     return _resize(clip[:, :, top : top + height, left : left + width], size)
 
 
-class _ClipCropper:
+class ClipCropper:
     """Frame → (C, size, size) uint8 for one clip: one box and one flip for all of its frames.
 
     The box is drawn at the first frame, when the frame size is known. Frames go straight from
@@ -440,7 +440,7 @@ class _ClipDecoder:
             )
         else:
             select = functools.partial(uniform_frame_indices, num_frames=config.num_frames)
-        cropper = _ClipCropper(config, self.rng if self.train else None)
+        cropper = ClipCropper(config, self.rng if self.train else None)
         clip = torch.from_numpy(decode_clip(sample["mp4"], select=select, convert=cropper))
         item_id = meta.get("item_id")
         return {
