@@ -279,8 +279,9 @@ class _Built:
 
 def _build(output_dir: str | Path, tag: str | None = None) -> _Built:
     from data_shards.text import load_tokenizer, resolve_text_model_dir
+    from finetune.catalogue import read_catalogue, read_cold_items
     from finetune.config import ConfigError, FinetuneConfig
-    from finetune.interactions import load_interactions, read_catalogue, read_cold_items
+    from finetune.interactions import load_interactions
     from finetune.item_content import (
         CACHE_FILE,
         CLIP_STORE_FILE,

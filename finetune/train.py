@@ -31,6 +31,7 @@ import yaml
 from data_shards.atomic import atomic_write_text
 from data_shards.text import load_tokenizer, resolve_text_model_dir
 from finetune import report
+from finetune.catalogue import read_catalogue, read_cold_items
 from finetune.config import FinetuneConfig, deepspeed_config
 from finetune.interactions import (
     EvalSet,
@@ -38,8 +39,6 @@ from finetune.interactions import (
     Sequences,
     check_no_leakage,
     load_interactions,
-    read_catalogue,
-    read_cold_items,
 )
 from finetune.item_content import (
     CACHE_FILE,

@@ -9,19 +9,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from finetune.interactions import (
+from finetune.catalogue import (
     PADDING_INDEX,
-    TEST,
-    TRAIN,
-    VALID,
-    InteractionFileError,
-    LeakageError,
-    check_no_leakage,
     clip_keys_from_shards,
-    load_interactions,
     read_catalogue,
     read_cold_items,
 )
+from finetune.interactions import (
+    TEST,
+    TRAIN,
+    VALID,
+    LeakageError,
+    check_no_leakage,
+    load_interactions,
+)
+from finetune.tables import InteractionFileError
 
 COLUMNS = ("user_id", "item_id", "timestamp", "label", "weight")
 # File order; u2's second row goes back in time; u1's i3 and u3's i1 are skips (label 0).
