@@ -35,6 +35,7 @@ from tqdm import tqdm
 from data_shards import video as video_io
 from data_shards.atomic import atomic_write_text
 from data_shards.manifest import ManifestRow, partition, read_manifest
+from data_shards.shard_set import INDEX_FILE
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ def parse_part(text: str) -> tuple[int, int]:
 
 def _index_name(config: BuildConfig) -> str:
     if config.num_parts == 1:
-        return "index.json"
+        return INDEX_FILE
     return f"index.part-{config.part:04d}-of-{config.num_parts:04d}.json"
 
 
@@ -409,6 +410,6 @@ def merge_index(out_dir: str | Path) -> Path:
     for failure_file in sorted(out_dir.glob("failures.part-*-of-*.jsonl")):
         failure_lines.extend(failure_file.read_text(encoding="utf-8").splitlines(keepends=True))
     atomic_write_text(out_dir / "failures.jsonl", "".join(failure_lines))
-    index_path = out_dir / "index.json"
+    index_path = out_dir / INDEX_FILE
     atomic_write_text(index_path, json.dumps(index, indent=2))
     return index_path

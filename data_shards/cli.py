@@ -3,27 +3,52 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import time
+
+from data_shards.build import BuildConfig, build_shards, merge_index, parse_part
+from data_shards.inspect_shards import format_report, inspect_shards
+from data_shards.manifest import ManifestError
+from data_shards.reader import ReaderConfig, build_loader
+from data_shards.shard_set import read_index
+from data_shards.synth import synthesize
 
 
 def add_parser(commands) -> None:
+    # The options' defaults are the configs' own, so the two cannot disagree.
+    build_defaults = BuildConfig()
+    stream_defaults = ReaderConfig(shards=[])
     shards = commands.add_parser("shards", help="build and inspect WebDataset video shards")
     actions = shards.add_subparsers(dest="shards_command", required=True)
 
     build = actions.add_parser("build", help="manifest or video directory → tar shards")
     build.add_argument("--manifest", required=True, help="CSV/JSONL/Parquet, or a video folder")
     build.add_argument("--out", required=True, help="output directory for shards and index")
-    build.add_argument("--clip-seconds", type=float, default=4.0)
-    build.add_argument("--clips-per-video", type=int, default=1)
-    build.add_argument("--fps", type=float, default=8.0)
-    build.add_argument("--short-side", type=int, default=224, help="0 keeps the source size")
-    build.add_argument("--crf", type=int, default=23)
-    build.add_argument("--samples-per-shard", type=int, default=1000)
-    build.add_argument("--max-shard-bytes", type=int, default=0, help="0: no byte limit")
-    build.add_argument("--keep-audio", action="store_true")
-    build.add_argument("--workers", type=int, default=0, help="0: one per CPU core")
-    build.add_argument("--part", default="0/1", help="build partition i of n, e.g. 3/16")
+    build.add_argument("--clip-seconds", type=float, default=build_defaults.clip_seconds)
+    build.add_argument("--clips-per-video", type=int, default=build_defaults.clips_per_video)
+    build.add_argument("--fps", type=float, default=build_defaults.fps)
+    build.add_argument(
+        "--short-side", type=int, default=build_defaults.short_side, help="0 keeps the source size"
+    )
+    build.add_argument("--crf", type=int, default=build_defaults.crf)
+    build.add_argument("--samples-per-shard", type=int, default=build_defaults.samples_per_shard)
+    build.add_argument(
+        "--max-shard-bytes",
+        type=int,
+        default=build_defaults.max_shard_bytes,
+        help="0: no byte limit",
+    )
+    build.add_argument("--keep-audio", action="store_true")  # BuildConfig: off by default
+    build.add_argument(
+        "--workers", type=int, default=build_defaults.workers, help="0: one per CPU core"
+    )
+    build.add_argument(
+        "--part",
+        default=f"{build_defaults.part}/{build_defaults.num_parts}",
+        help="build partition i of n, e.g. 3/16",
+    )
     build.add_argument("--no-progress", action="store_true")
     build.set_defaults(run=_run_build)
 
@@ -42,12 +67,13 @@ def add_parser(commands) -> None:
     stream = actions.add_parser("stream", help="stream batches through the reader, report speed")
     stream.add_argument("shards", help="directory, glob, brace pattern, URL or pipe: spec")
     stream.add_argument("--batches", type=int, default=10)
+    # A smaller batch and fewer workers than a training reader: a quick look at the data.
     stream.add_argument("--batch-size", type=int, default=8)
-    stream.add_argument("--frames", type=int, default=16)
-    stream.add_argument("--size", type=int, default=224)
+    stream.add_argument("--frames", type=int, default=stream_defaults.num_frames)
+    stream.add_argument("--size", type=int, default=stream_defaults.size)
     stream.add_argument("--workers", type=int, default=2)
-    stream.add_argument("--mode", choices=("train", "eval"), default="train")
-    stream.add_argument("--seed", type=int, default=0)
+    stream.add_argument("--mode", choices=("train", "eval"), default=stream_defaults.mode)
+    stream.add_argument("--seed", type=int, default=stream_defaults.seed)
     stream.set_defaults(run=_run_stream)
 
     synth = actions.add_parser("synth", help="write the synthetic videos, manifest, interactions")
@@ -60,9 +86,6 @@ def add_parser(commands) -> None:
 
 
 def _run_build(args: argparse.Namespace) -> int:
-    from data_shards.build import BuildConfig, build_shards, parse_part
-    from data_shards.manifest import ManifestError
-
     try:
         part, num_parts = parse_part(args.part)
         config = BuildConfig(
@@ -92,23 +115,17 @@ def _run_build(args: argparse.Namespace) -> int:
 
 
 def _run_merge(args: argparse.Namespace) -> int:
-    from data_shards.build import merge_index
-
     try:
         path = merge_index(args.out)
     except (ValueError, FileNotFoundError) as err:
         print(f"vidrec shards merge-index: {err}", file=sys.stderr)
         return 2
-    index = json.loads(path.read_text())
+    index = read_index(path.parent)
     print(f"{index['total_samples']} samples in {index['total_shards']} shards → {path}")
     return 0
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from data_shards.inspect_shards import format_report, inspect_shards
-
     try:
         report = inspect_shards(
             args.directory,
@@ -124,10 +141,6 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 
 def _run_stream(args: argparse.Namespace) -> int:
-    import time
-
-    from data_shards.reader import ReaderConfig, build_loader
-
     config = ReaderConfig(
         shards=args.shards,
         mode=args.mode,
@@ -162,8 +175,6 @@ def _run_stream(args: argparse.Namespace) -> int:
 
 
 def _run_synth(args: argparse.Namespace) -> int:
-    from data_shards.synth import synthesize
-
     summary = synthesize(
         args.out,
         num_items=args.items,

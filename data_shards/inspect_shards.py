@@ -6,18 +6,16 @@ import io
 import json
 import logging
 import statistics
-import tarfile
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from data_shards.atomic import atomic_write_bytes
+from data_shards.shard_set import iter_samples, list_shards
 from data_shards.video import VideoError, decode_clip
 
 log = logging.getLogger(__name__)
@@ -42,32 +40,6 @@ class ShardReport:
     contact_sheet: str | None = None
 
 
-def shard_paths(directory: Path) -> list[Path]:
-    """The shards an index lists, else every ``*.tar`` in the directory."""
-    index = directory / "index.json"
-    if index.is_file():
-        return [directory / shard["name"] for shard in json.loads(index.read_text())["shards"]]
-    return sorted(directory.glob("*.tar"))
-
-
-def iter_samples(paths: list[Path]) -> Iterator[dict[str, Any]]:
-    """Raw samples ``{"__key__", "mp4", "txt", "json", ...}`` in shard order, no decoding."""
-    for path in paths:
-        with tarfile.open(path) as tar:
-            current: dict[str, Any] = {}
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, extension = member.name.partition(".")
-                if current and current["__key__"] != key:
-                    yield current
-                    current = {}
-                current["__key__"] = key
-                current[extension] = tar.extractfile(member).read()
-            if current:
-                yield current
-
-
 def inspect_shards(
     directory: str | Path,
     *,
@@ -77,9 +49,7 @@ def inspect_shards(
     sheet_path: str | Path | None = None,
 ) -> ShardReport:
     directory = Path(directory)
-    paths = shard_paths(directory)
-    if not paths:
-        raise FileNotFoundError(f"{directory}: no shards (no index.json and no *.tar)")
+    paths = list_shards(directory)
     report = ShardReport(directory=str(directory), shards=len(paths))
     failures = directory / "failures.jsonl"
     if failures.is_file():

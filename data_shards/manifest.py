@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from data_shards.records import is_missing, read_jsonl
 
 REQUIRED_COLUMNS = ("video", "caption")
 OPTIONAL_COLUMNS = ("key", "item_id", "title", "tags", "description")
@@ -104,20 +105,10 @@ def _read_csv(path: Path) -> tuple[list[dict], list[str]]:
 
 
 def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
-    records, columns = [], {}
-    with open(path, encoding="utf-8-sig") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ManifestError(f"{path}: line {line_number} is not JSON ({err.msg})") from err
-            if not isinstance(record, dict):
-                raise ManifestError(f"{path}: line {line_number} is not a JSON object")
-            records.append(record)
-            columns.update(dict.fromkeys(record))
-    return records, list(columns)
+    def refuse(line_number: int, reason: str) -> None:
+        raise ManifestError(f"{path}: line {line_number} is {reason}")
+
+    return read_jsonl(path, refuse)
 
 
 def _read_parquet(path: Path) -> tuple[list[dict], list[str]]:
@@ -130,16 +121,12 @@ def _read_parquet(path: Path) -> tuple[list[dict], list[str]]:
     return table.to_pylist(), table.column_names
 
 
-def _is_missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
 def _text(value: Any) -> str:
-    return "" if _is_missing(value) else str(value)
+    return "" if is_missing(value) else str(value)
 
 
 def _tags(value: Any) -> list[str]:
-    if _is_missing(value):
+    if is_missing(value):
         return []
     if isinstance(value, (list, tuple)):
         return [str(tag) for tag in value]
@@ -167,7 +154,7 @@ def _validate(path: Path, records: list[dict], columns: list[str]) -> list[Manif
         if not video:
             raise ManifestError(f"{path}: row {index} has an empty 'video' value")
         caption = record.get("caption")
-        if not _is_missing(caption) and not isinstance(caption, str):
+        if not is_missing(caption) and not isinstance(caption, str):
             raise ManifestError(f"{path}: row {index} column 'caption' is not text: {caption!r}")
         if not video.startswith(("http://", "https://")):
             video = str((base / video).resolve()) if not Path(video).is_absolute() else video

@@ -78,6 +78,7 @@ import webdataset as wds
 from braceexpand import braceexpand
 from torch.utils.data import default_collate
 
+from data_shards.shard_set import is_local, list_shards
 from data_shards.text import load_tokenizer
 from data_shards.video import VideoError, crop_resize_planar, decode_clip, upright_rgb
 
@@ -151,10 +152,11 @@ def resolve_shards(spec: str | Sequence[str]) -> list[str]:
     items = spec.split("::") if isinstance(spec, str) else list(spec)
     urls: list[str] = []
     for item in items:
-        if item.startswith("pipe:") or "://" in item:
+        if not is_local(item):
             urls.extend(braceexpand(item))
         elif os.path.isdir(os.path.expanduser(item)):
-            urls.extend(_directory_shards(Path(item).expanduser()))
+            # An empty directory among several adds nothing; no shards at all is refused below.
+            urls.extend(list_shards(Path(item).expanduser(), allow_empty=True))
         else:
             for pattern in braceexpand(os.path.expanduser(item)):
                 if any(char in pattern for char in "*?["):
@@ -164,26 +166,12 @@ def resolve_shards(spec: str | Sequence[str]) -> list[str]:
                     urls.extend(matches)
                 else:
                     urls.append(pattern)
-    missing = [url for url in urls if _is_local(url) and not os.path.isfile(url)]
+    missing = [url for url in urls if is_local(url) and not os.path.isfile(url)]
     if missing:
         raise FileNotFoundError(f"{len(missing)} shard(s) do not exist, e.g. {missing[0]}")
     if not urls:
         raise ValueError(f"no shards in {spec!r}")
     return urls
-
-
-def _is_local(url: str) -> bool:
-    return not (url.startswith("pipe:") or "://" in url)
-
-
-def _directory_shards(directory: Path) -> list[str]:
-    index = directory / "index.json"
-    if not index.is_file():
-        return sorted(str(path) for path in directory.glob("*.tar"))
-    entries = json.loads(index.read_text())["shards"]
-    # data_shards.build writes {"name": ...} records; a plain list of names works too.
-    names = [entry["name"] if isinstance(entry, dict) else entry for entry in entries]
-    return [name if not _is_local(name) else str(directory / name) for name in names]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,7 +258,7 @@ def center_crop(clip: torch.Tensor, size: int) -> torch.Tensor:
     return _resize(clip[:, :, top : top + height, left : left + width], size)
 
 
-class _ClipCropper:
+class ClipCropper:
     """Frame → (C, size, size) uint8 for one clip: one box and one flip for all of its frames.
 
     The box is drawn at the first frame, when the frame size is known. Frames go straight from
@@ -452,7 +440,7 @@ class _ClipDecoder:
             )
         else:
             select = functools.partial(uniform_frame_indices, num_frames=config.num_frames)
-        cropper = _ClipCropper(config, self.rng if self.train else None)
+        cropper = ClipCropper(config, self.rng if self.train else None)
         clip = torch.from_numpy(decode_clip(sample["mp4"], select=select, convert=cropper))
         item_id = meta.get("item_id")
         return {

@@ -41,8 +41,9 @@ import torch
 from data_shards.atomic import atomic_write_text
 from data_shards.text import load_tokenizer, resolve_text_model_dir
 from finetune.batches import history_windows
+from finetune.catalogue import read_catalogue, read_cold_items
 from finetune.config import ConfigError, FinetuneConfig
-from finetune.interactions import load_interactions, read_catalogue, read_cold_items
+from finetune.interactions import load_interactions
 from finetune.item_content import (
     CACHE_FILE,
     read_clip_store,
@@ -65,6 +66,7 @@ from pretrain.export import (
     file_sha256,
     load_export,
     read_info,
+    video_preprocessing,
 )
 from pretrain.model_card import ModelCard
 
@@ -307,20 +309,8 @@ def _build(output_dir: str | Path, tag: str | None = None) -> _Built:
         raise ExportError(str(err)) from err
     table = items.table(model.item_tower, torch.device("cpu"))
 
-    video = model_config.video_config
-    shard_settings = {}
-    if settings.shards:
-        index = Path(settings.shards[0]) / "index.json"
-        if index.is_file():
-            shard_settings = json.loads(index.read_text()).get("settings", {})
-    preprocessing = VideoPreprocessing(
-        num_frames=video.num_frames,
-        image_size=video.image_size,
-        mean=list(model_config.video_mean),
-        std=list(model_config.video_std),
-        max_text_length=settings.max_text_length,
-        fps=shard_settings.get("fps"),
-        clip_seconds=shard_settings.get("clip_seconds"),
+    preprocessing = video_preprocessing(
+        model_config, settings.shards[0] if settings.shards else "", settings.max_text_length
     )
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}

@@ -1,93 +1,48 @@
-"""Interaction logs and item catalogues → validated, indexed, leave-one-out splits.
+"""Interaction logs → validated, indexed interactions, split leave-one-out by time per user.
 
-Inputs (format from the suffix; ``format=`` overrides):
-
-- interactions: CSV (``.csv``), TSV (``.tsv``), JSONL (``.jsonl``/``.ndjson``), Parquet
-  (``.parquet``/``.pq``), RecBole atomic files (``.inter``: tab-separated, headers such as
-  ``user_id:token``; the ``:type`` suffix is dropped) and MicroLens pair files (``user``,
-  ``item``, ``timestamp``; ``user``/``item`` are accepted as aliases in every format).
-  Columns: ``user_id``, ``item_id``, ``timestamp`` (unix time as a number, or ISO 8601 text,
-  naive times read as UTC; only the order matters), optional ``label`` (1 engaged, 0 skipped)
-  and ``weight`` (a non-negative float such as the watch ratio; RecBole's ``rating`` is read as
-  the weight when no ``weight`` column exists).
-- item catalogue: the same formats plus RecBole ``.item``. ``item_id`` → text fields and the
-  shard sample keys of the item's clips (``video_keys`` or ``clip_keys``: a list in
-  JSONL/Parquet, a ``;``-separated string in CSV). An item may have text only, clips only, or
-  both. ``clip_keys_from_shards`` derives the clip keys from a shard directory when the
-  catalogue does not carry them (the synthetic data does not).
-
-Indices. Items are numbered 1..N in catalogue order; **index 0 is padding** and never an
-item, so (N + 1, D) embedding tables and padded history tensors need no shift. Users are
-numbered 0..U-1 in the order they first appear in the file.
-
-Validation. ``load_interactions`` checks every row and drops the ones it cannot use, counting
-each under the first reason that applies, in this order: malformed line, missing id, bad
-timestamp, bad label (not 0/1), bad weight (negative or not finite), unknown item (not in
-the catalogue), duplicate (same user, item and timestamp as an earlier row; the first is
-kept), cold-start item in the training zone (see below), then users with too few engaged
-interactions (all their rows). Malformed lines never become records and are counted apart.
-Timestamps that go backwards in file order within a user (among rows that passed the row
-checks) are counted but not dropped: histories are sorted by (timestamp, file order) anyway.
-Everything lands in one ``ValidationReport``; a file that cannot be read at all, or lacks a
-required column, raises ``InteractionFileError`` naming the file (and the line where there is one).
-
-Split (leave-one-out by time, per user). In each user's sorted history the last engaged row
-is the test target, the second-to-last engaged row the validation target, and every earlier
-row is training data. Skipped rows (label 0) take the split of the zone they fall in (before
-the validation target: train; between the two targets: validation; after the test target:
-test); they never enter histories, which are built from engaged rows only, and serve the
-pointwise (BCE/AUC) data. Cold-start items never reach training: a training-zone row with a
-cold item is removed (counted), so cold items appear only as validation/test rows, and a cold
-validation target is left out of the test history too. ``check_no_leakage`` verifies all of
-this on the arrays training and evaluation actually consume.
+In each user's history sorted by (timestamp, file order) the last engaged row is the test
+target, the second-to-last engaged row the validation target, and every earlier row is
+training data. Skipped rows (label 0) take the split of the zone they fall in (before the
+validation target: train; between the two targets: validation; after the test target: test);
+they never enter histories, which are built from engaged rows only, and serve the pointwise
+(BCE/AUC) data. Cold-start items never reach training: a training-zone row with a cold item is
+removed (counted), so cold items appear only as validation/test rows, and a cold validation
+target is left out of the test history too. ``check_no_leakage`` verifies all of this on the
+arrays training and evaluation actually consume.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import logging
 import math
-import tarfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
+
+from finetune.catalogue import ItemCatalogue
+from finetune.tables import (
+    MAX_EXAMPLES,
+    InteractionFileError,
+    RawTable,
+    normalize_id,
+    parse_floats,
+    parse_ids,
+    parse_timestamps,
+    read_table,
+)
 
 logger = logging.getLogger(__name__)
-
-PADDING_INDEX = 0
-"""Item index reserved for padding; real items are 1..N."""
 
 TRAIN, VALID, TEST = 0, 1, 2
 SPLIT_NAMES = {"train": TRAIN, "valid": VALID, "test": TEST}
 
 REQUIRED_COLUMNS = ("user_id", "item_id", "timestamp")
-COLUMN_ALIASES = {"user": "user_id", "item": "item_id"}
-CLIP_KEY_COLUMNS = ("video_keys", "clip_keys")
-NON_TEXT_COLUMNS = {"item_id", "key", "video", "url", "path", *CLIP_KEY_COLUMNS}
-"""Catalogue columns that are never text fields by default (ids, paths, clip keys)."""
-
-FORMATS = ("csv", "tsv", "jsonl", "parquet", "recbole", "microlens")
-_SUFFIX_FORMATS = {
-    ".csv": "csv",
-    ".tsv": "tsv",
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-    ".parquet": "parquet",
-    ".pq": "parquet",
-    ".inter": "recbole",
-    ".item": "recbole",
-}
-MAX_EXAMPLES = 5
 
 # Drop reasons, in the order they are checked; a row is counted under the first that applies.
 _OK = 0
@@ -104,473 +59,8 @@ _DROP_REASONS = (
 _REASON_CODE = {name: code for code, name in enumerate(_DROP_REASONS, start=1)}
 
 
-class InteractionFileError(ValueError):
-    """A file that cannot be used at all; the message names the file (and line or column)."""
-
-
 class LeakageError(AssertionError):
     """Validation or test data reached training inputs (raised by ``check_no_leakage``)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading files into columns
-
-
-@dataclass
-class RawTable:
-    """A file's records as columns of Python values, in file order."""
-
-    path: Path
-    columns: dict[str, np.ndarray]
-    """Column name (``:type`` suffix and aliases resolved) → (R,) object array."""
-    column_types: dict[str, str]
-    """RecBole column types (``token``, ``token_seq``, ``float``, ...); empty for other formats."""
-    malformed: int = 0
-    """Lines that could not be parsed (wrong field count, not JSON) and were skipped."""
-    malformed_examples: list[dict[str, Any]] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(next(iter(self.columns.values()))) if self.columns else 0
-
-
-def detect_format(path: str | Path, format: str | None = None) -> str:
-    """The reader for ``path``: ``format`` when given, else from the file suffix."""
-    if format is not None:
-        if format not in FORMATS:
-            raise ValueError(f"unknown format {format!r}; one of {', '.join(FORMATS)}")
-        return format
-    suffix = Path(path).suffix.lower()
-    if suffix not in _SUFFIX_FORMATS:
-        raise InteractionFileError(
-            f"{path}: cannot tell the format from suffix {suffix!r} "
-            f"({', '.join(sorted(_SUFFIX_FORMATS))}); pass format="
-        )
-    return _SUFFIX_FORMATS[suffix]
-
-
-def read_table(path: str | Path, format: str | None = None) -> RawTable:
-    """Read any supported file into columns; malformed lines are skipped and counted."""
-    path = Path(path)
-    fmt = detect_format(path, format)
-    if not path.is_file():
-        raise InteractionFileError(f"{path}: file not found")
-    if fmt in ("csv", "microlens"):
-        table = _read_delimited(path, ",", quoted=True)
-    elif fmt == "tsv":
-        table = _read_delimited(path, "\t", quoted=True)
-    elif fmt == "recbole":
-        # RecBole atomic files are tab-separated without quoting: titles may hold '"'.
-        table = _read_delimited(path, "\t", quoted=False)
-    elif fmt == "jsonl":
-        table = _read_jsonl(path)
-    else:
-        table = _read_parquet(path)
-    _resolve_names(table)
-    return table
-
-
-def _read_header(path: Path, delimiter: str) -> list[str]:
-    # utf-8-sig: a byte-order mark would otherwise stick to the first column name.
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        first = handle.readline()
-    if not first.strip():
-        raise InteractionFileError(f"{path}: empty file or empty header line")
-    return next(csv.reader([first], delimiter=delimiter))
-
-
-def _read_delimited(path: Path, delimiter: str, quoted: bool) -> RawTable:
-    names = _read_header(path, delimiter)
-    if len(set(names)) != len(names):
-        raise InteractionFileError(f"{path}: repeated column names in the header {names}")
-    malformed: list[dict[str, Any]] = []
-
-    def skip_invalid(row) -> str:
-        malformed.append({"line": row.number, "reason": "wrong field count", "text": row.text})
-        return "skip"
-
-    try:
-        table = pacsv.read_csv(
-            path,
-            read_options=pacsv.ReadOptions(column_names=names, skip_rows=1),
-            parse_options=pacsv.ParseOptions(
-                delimiter=delimiter,
-                quote_char='"' if quoted else False,
-                invalid_row_handler=skip_invalid,
-            ),
-            # Everything as text: one bad value must not fail a whole numeric column.
-            convert_options=pacsv.ConvertOptions(
-                column_types={name: pa.string() for name in names},
-                strings_can_be_null=False,
-            ),
-        )
-    except (pa.ArrowInvalid, UnicodeDecodeError, OSError) as err:
-        raise InteractionFileError(f"{path}: cannot read ({err})") from err
-    columns = {
-        name: table.column(name).to_numpy(zero_copy_only=False).astype(object) for name in names
-    }
-    return RawTable(path, columns, {}, len(malformed), malformed[:MAX_EXAMPLES])
-
-
-def _read_jsonl(path: Path) -> RawTable:
-    records: list[dict[str, Any]] = []
-    names: dict[str, None] = {}
-    malformed: list[dict[str, Any]] = []
-    try:
-        with open(path, encoding="utf-8-sig") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    malformed.append({"line": line_number, "reason": f"not JSON ({err.msg})"})
-                    continue
-                if not isinstance(record, dict):
-                    malformed.append({"line": line_number, "reason": "not a JSON object"})
-                    continue
-                records.append(record)
-                names.update(dict.fromkeys(record))
-    except (UnicodeDecodeError, OSError) as err:
-        raise InteractionFileError(f"{path}: cannot read ({err})") from err
-    columns = {}
-    for name in names:
-        column = np.empty(len(records), dtype=object)
-        column[:] = [record.get(name) for record in records]
-        columns[name] = column
-    return RawTable(path, columns, {}, len(malformed), malformed[:MAX_EXAMPLES])
-
-
-def _read_parquet(path: Path) -> RawTable:
-    try:
-        table = pq.read_table(path)
-    except Exception as err:  # noqa: BLE001 - pyarrow raises many types for a damaged file
-        raise InteractionFileError(f"{path}: cannot read Parquet ({err})") from err
-    columns = {}
-    for name in table.column_names:
-        column = np.empty(table.num_rows, dtype=object)
-        column[:] = table.column(name).to_pylist()
-        columns[name] = column
-    return RawTable(path, columns, {}, 0, [])
-
-
-def _resolve_names(table: RawTable) -> None:
-    """Drop RecBole ``:type`` suffixes and map aliases (``user`` → ``user_id``) in place."""
-    renamed: dict[str, np.ndarray] = {}
-    for raw_name, column in table.columns.items():
-        name, _, kind = raw_name.partition(":")
-        name = name.strip()
-        if kind:
-            table.column_types[name] = kind.strip()
-        if name in COLUMN_ALIASES and COLUMN_ALIASES[name] not in table.columns:
-            name = COLUMN_ALIASES[name]
-        if name in renamed:
-            raise InteractionFileError(f"{table.path}: column {raw_name!r} repeats {name!r}")
-        renamed[name] = column
-    table.columns = renamed
-
-
-# ---------------------------------------------------------------------------------------------
-# Value parsing (vectorized where the common case allows)
-
-
-def _is_missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-def normalize_id(value: Any) -> str | None:
-    """An id as text; ``None`` when missing. 7, 7.0 and "7" are one id."""
-    if _is_missing(value):
-        return None
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    text = str(value).strip()
-    return text or None
-
-
-def _ids(values: np.ndarray):
-    """(R,) ids as a pyarrow string array, null where missing (see ``normalize_id``)."""
-    try:
-        # Fast path (CSV, string columns): arrow trims and tests in C, not per Python object.
-        array = pc.utf8_trim_whitespace(pa.array(values, type=pa.string()))
-        return pc.if_else(pc.equal(array, ""), pa.scalar(None, pa.string()), array)
-    except (pa.ArrowTypeError, pa.ArrowInvalid):
-        return pa.array([normalize_id(value) for value in values], type=pa.string())
-
-
-def _encode(ids) -> tuple[np.ndarray, list[str]]:
-    """Codes 0..K-1 of non-null arrow ids, numbered in order of first appearance, and the ids
-    per code (arrow's dictionary encoding numbers them that way)."""
-    encoded = ids.dictionary_encode()
-    return encoded.indices.to_numpy().astype(np.int64), encoded.dictionary.to_pylist()
-
-
-def _timestamp(value: Any) -> float:
-    if _is_missing(value) or isinstance(value, bool):
-        return math.nan
-    if isinstance(value, datetime):
-        moment = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-        return moment.timestamp()
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        pass
-    try:
-        moment = datetime.fromisoformat(str(value).strip())
-    except ValueError:
-        return math.nan
-    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
-
-
-def _floats(values: np.ndarray, parse=None) -> np.ndarray:
-    """(R,) float64; NaN where a value is missing or does not parse."""
-    if parse is None:
-        try:
-            # Fast path: every value is a number or numeric text.
-            return np.asarray(values, dtype=np.float64)
-        except (TypeError, ValueError):
-            parse = _float_or_nan
-    return np.fromiter((parse(value) for value in values), dtype=np.float64, count=len(values))
-
-
-def _float_or_nan(value: Any) -> float:
-    if _is_missing(value):
-        return math.nan
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
-
-
-def _timestamps(values: np.ndarray) -> np.ndarray:
-    parsed = _floats(values)
-    if np.isnan(parsed).any():
-        # ISO dates, or genuinely bad values: the slow path, per value.
-        parsed = _floats(values, _timestamp)
-    return parsed
-
-
-# ---------------------------------------------------------------------------------------------
-# Catalogue
-
-
-@dataclass
-class ItemCatalogue:
-    """Items in catalogue order; item ``i`` (1-based, 0 is padding) is ``item_ids[i - 1]``."""
-
-    item_ids: list[str]
-    text_fields: tuple[str, ...]
-    """Fields joined into an item's text, in this order."""
-    texts: list[dict[str, str]]
-    """Per item: field → non-empty text."""
-    clip_keys: list[tuple[str, ...]]
-    """Per item: shard sample keys of its clips (empty for text-only items)."""
-    source: str = ""
-    issues: dict[str, int] = field(default_factory=dict)
-    """Catalogue rows that were skipped: ``missing_ids``, ``duplicate_ids``, ``malformed``."""
-    issue_examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    index: dict[str, int] = field(init=False, repr=False)
-
-    def __post_init__(self):
-        self.index = {item_id: i for i, item_id in enumerate(self.item_ids, start=1)}
-        if not len(self.item_ids) == len(self.texts) == len(self.clip_keys):
-            raise ValueError("item_ids, texts and clip_keys must have one entry per item")
-
-    def __len__(self) -> int:
-        return len(self.item_ids)
-
-    @property
-    def num_embeddings(self) -> int:
-        """Rows of an item embedding table: the items plus the padding row 0."""
-        return len(self.item_ids) + 1
-
-    @classmethod
-    def from_ids(cls, item_ids: Iterable[str], source: str = "") -> ItemCatalogue:
-        """Items known by id only (no text, no clips), e.g. when only pairs are available."""
-        ids = list(item_ids)
-        return cls(ids, (), [{} for _ in ids], [() for _ in ids], source=source)
-
-    def item_index(self, item_id: str) -> int:
-        return self.index[item_id]
-
-    def text(self, index: int, separator: str = ". ") -> str:
-        """The item's text fields joined in ``text_fields`` order ('' for video-only items)."""
-        fields = self.texts[index - 1]
-        return separator.join(fields[name] for name in self.text_fields if name in fields)
-
-    def has_text(self) -> np.ndarray:
-        """(N + 1,) bool, False at padding."""
-        return np.array([False] + [bool(fields) for fields in self.texts])
-
-    def has_video(self) -> np.ndarray:
-        """(N + 1,) bool, False at padding."""
-        return np.array([False] + [bool(keys) for keys in self.clip_keys])
-
-    def with_clip_keys(self, clip_keys: Mapping[str, Iterable[str]]) -> ItemCatalogue:
-        """A copy whose items take their clip keys from ``clip_keys`` (item id → keys)."""
-        unknown = [item_id for item_id in clip_keys if item_id not in self.index]
-        if unknown:
-            logger.warning(
-                "%d item ids with clips are not in the catalogue (e.g. %s); ignored",
-                len(unknown),
-                unknown[:3],
-            )
-        keys = [tuple(clip_keys.get(item_id, ())) for item_id in self.item_ids]
-        return dataclasses.replace(self, clip_keys=keys)
-
-
-def _clip_key_list(value: Any) -> tuple[str, ...]:
-    if _is_missing(value):
-        return ()
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return tuple(str(key).strip() for key in value if str(key).strip())
-    return tuple(key.strip() for key in str(value).split(";") if key.strip())
-
-
-def _text_value(value: Any) -> str:
-    if _is_missing(value):
-        return ""
-    if isinstance(value, (list, tuple)):
-        return ", ".join(str(part) for part in value if not _is_missing(part))
-    return str(value).strip()
-
-
-def _is_text_column(values: np.ndarray, kind: str | None) -> bool:
-    """A column holds text when RecBole says so, or when its values are strings (or lists of
-    strings) that are not all numbers (CSV gives every value as a string)."""
-    if kind is not None:
-        return kind in ("token", "token_seq")
-    present = [value for value in values if not _is_missing(value) and value != ""]
-    if not present:
-        return False
-    for value in present:
-        if isinstance(value, (list, tuple)):
-            if not all(isinstance(part, str) for part in value):
-                return False
-        elif not isinstance(value, str):
-            return False
-    return not all(isinstance(value, str) and _is_number(value) for value in present)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def read_catalogue(
-    path: str | Path,
-    *,
-    format: str | None = None,
-    text_fields: Iterable[str] | None = None,
-) -> ItemCatalogue:
-    """Read an item catalogue; rows without an id or repeating an earlier id are skipped.
-
-    ``text_fields`` picks (and orders) the text columns; by default every text column except
-    ids, video paths and clip keys, in file order.
-    """
-    table = read_table(path, format)
-    if "item_id" not in table.columns:
-        raise InteractionFileError(
-            f"{table.path}: missing required column 'item_id' "
-            f"(found: {', '.join(table.columns) or 'none'})"
-        )
-    if text_fields is None:
-        fields = tuple(
-            name
-            for name, values in table.columns.items()
-            if name not in NON_TEXT_COLUMNS
-            and _is_text_column(values, table.column_types.get(name))
-        )
-    else:
-        fields = tuple(text_fields)
-        missing = [name for name in fields if name not in table.columns]
-        if missing:
-            raise InteractionFileError(
-                f"{table.path}: text field(s) {', '.join(missing)} are not columns "
-                f"(found: {', '.join(table.columns)})"
-            )
-    key_column = next((name for name in CLIP_KEY_COLUMNS if name in table.columns), None)
-
-    issues = {"missing_ids": 0, "duplicate_ids": 0, "malformed": table.malformed}
-    examples: dict[str, list[dict[str, Any]]] = {"malformed": table.malformed_examples}
-    item_ids, texts, clip_keys, seen = [], [], [], {}
-    raw_ids = table.columns["item_id"]
-    for row in range(len(table)):
-        item_id = normalize_id(raw_ids[row])
-        problem = None
-        if item_id is None:
-            problem = "missing_ids"
-        elif item_id in seen:
-            problem = "duplicate_ids"
-        if problem:
-            issues[problem] += 1
-            if len(examples.setdefault(problem, [])) < MAX_EXAMPLES:
-                examples[problem].append(
-                    {"row": row, "item_id": item_id, "first_row": seen.get(item_id)}
-                )
-            continue
-        seen[item_id] = row
-        item_ids.append(item_id)
-        item_text = {name: _text_value(table.columns[name][row]) for name in fields}
-        texts.append({name: text for name, text in item_text.items() if text})
-        clip_keys.append(_clip_key_list(table.columns[key_column][row]) if key_column else ())
-    if not item_ids:
-        raise InteractionFileError(f"{table.path}: no usable catalogue rows ({issues})")
-    if any(issues.values()):
-        logger.warning("catalogue %s: skipped rows %s", table.path, issues)
-    return ItemCatalogue(item_ids, fields, texts, clip_keys, str(table.path), issues, examples)
-
-
-def clip_keys_from_shards(shards_dir: str | Path) -> dict[str, list[str]]:
-    """Item id → sorted sample keys of its clips, read from the shards' JSON members.
-
-    The keys (``{row:09d}_{clip:03d}``) number rows of the manifest a shard set was built
-    from, so they are unique within one shard directory only: the warm and cold shard sets of
-    the synthetic data both start at ``000000000_000``. Only the small ``.json`` members are
-    read; the clips are not decoded.
-    """
-    directory = Path(shards_dir)
-    index = directory / "index.json"
-    if index.is_file():
-        entries = json.loads(index.read_text())["shards"]
-        names = [entry["name"] if isinstance(entry, dict) else entry for entry in entries]
-        shards = [directory / name for name in names]
-    else:
-        shards = sorted(directory.glob("*.tar"))
-    if not shards:
-        raise FileNotFoundError(f"{directory}: no shards (index.json or *.tar)")
-    keys: dict[str, list[str]] = {}
-    for shard in shards:
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if not member.isfile() or not member.name.endswith(".json"):
-                    continue
-                handle = tar.extractfile(member)
-                metadata = json.loads(handle.read()) if handle else {}
-                key = Path(member.name).name.split(".", 1)[0]
-                item_id = normalize_id(metadata.get("item_id")) or normalize_id(metadata.get("key"))
-                if item_id is not None:
-                    keys.setdefault(item_id, []).append(key)
-    return {item_id: sorted(item_keys) for item_id, item_keys in keys.items()}
-
-
-def read_cold_items(path: str | Path) -> set[str]:
-    """Cold-start item ids from ``synth.json`` (``cold_start_items``), a manifest/catalogue
-    (its ``item_id`` column, else ``key``; e.g. ``manifest_cold.jsonl``) or a text file with
-    one id per line."""
-    path = Path(path)
-    if path.suffix.lower() == ".json":
-        description = json.loads(path.read_text())
-        return {normalize_id(item_id) for item_id in description["cold_start_items"]}
-    if path.suffix.lower() == ".txt":
-        return {line.strip() for line in path.read_text().splitlines() if line.strip()}
-    table = read_table(path)
-    column = "item_id" if "item_id" in table.columns else "key"
-    if column not in table.columns:
-        raise InteractionFileError(f"{path}: no item_id or key column for cold-start items")
-    return {item_id for item_id in _ids(table.columns[column]).to_pylist() if item_id is not None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -581,9 +71,9 @@ def read_cold_items(path: str | Path) -> set[str]:
 class ValidationReport:
     """What validation found and dropped; ``str()`` prints it, ``to_dict()`` is JSON-able.
 
-    Each dropped row is counted once, under the first reason that applies (see the module
-    docstring), so ``rows_read == rows_used + rows_dropped``; malformed lines never became
-    records and are counted apart.
+    Each dropped row is counted once, under the first reason that applies (see
+    ``load_interactions``), so ``rows_read == rows_used + rows_dropped``; malformed lines never
+    became records and are counted apart.
     """
 
     source: str
@@ -774,6 +264,13 @@ class InteractionData:
         return np.bincount(self.item[mask], minlength=self.num_items + 1).astype(np.int64)
 
 
+def _encode(ids) -> tuple[np.ndarray, list[str]]:
+    """Codes 0..K-1 of non-null arrow ids, numbered in order of first appearance, and the ids
+    per code (arrow's dictionary encoding numbers them that way)."""
+    encoded = ids.dictionary_encode()
+    return encoded.indices.to_numpy().astype(np.int64), encoded.dictionary.to_pylist()
+
+
 def _sorted_by(rows: np.ndarray, *keys: np.ndarray) -> np.ndarray:
     """``rows`` (in file order) sorted by ``keys``, most significant first, ties by file order.
 
@@ -806,7 +303,24 @@ def load_interactions(
     cold_items: Iterable[str] = (),
     min_interactions: int = 3,
 ) -> InteractionData:
-    """Read, validate, index and split one interaction file (see the module docstring).
+    """Read, validate, index and split one interaction file (any format of ``finetune.tables``).
+
+    Columns: ``user_id``, ``item_id``, ``timestamp`` (unix time as a number, or ISO 8601 text,
+    naive times read as UTC; only the order matters), optional ``label`` (1 engaged, 0 skipped)
+    and ``weight`` (a non-negative float such as the watch ratio; RecBole's ``rating`` is read
+    as the weight when no ``weight`` column exists). Users are numbered 0..U-1 in the order
+    they first appear in the file.
+
+    Every row is checked and the ones that cannot be used are dropped, each counted under the
+    first reason that applies, in this order: missing id, bad timestamp, bad label (not 0/1),
+    bad weight (negative or not finite), unknown item (not in the catalogue), duplicate (same
+    user, item and timestamp as an earlier row; the first is kept), cold-start item in the
+    training zone, then users with too few engaged interactions (all their rows). Malformed
+    lines never become records and are counted apart. Timestamps that go backwards in file
+    order within a user (among rows that passed the row checks) are counted but not dropped:
+    histories are sorted by (timestamp, file order) anyway. Everything lands in one
+    ``ValidationReport``; a file that cannot be read at all, or lacks a required column, raises
+    ``InteractionFileError`` naming the file (and the line where there is one).
 
     Without a catalogue the items are the ones the file mentions, in order of first
     appearance. ``min_interactions`` (at least 3: one training row plus the two held-out
@@ -835,19 +349,19 @@ def load_interactions(
         report.dropped[name] += int(new.sum())
         report.examples[name] = [_example(table, r) for r in np.flatnonzero(new)[:MAX_EXAMPLES]]
 
-    users = _ids(table.columns["user_id"])
-    items = _ids(table.columns["item_id"])
+    users = parse_ids(table.columns["user_id"])
+    items = parse_ids(table.columns["item_id"])
     missing_id = users.is_null().to_numpy(zero_copy_only=False)
     drop("missing_ids", missing_id | items.is_null().to_numpy(zero_copy_only=False))
-    timestamp = _timestamps(table.columns["timestamp"])
+    timestamp = parse_timestamps(table.columns["timestamp"])
     drop("bad_timestamps", ~np.isfinite(timestamp))
     if "label" in table.columns:
-        label = _floats(table.columns["label"])
+        label = parse_floats(table.columns["label"])
         drop("bad_labels", ~np.isin(label, (0.0, 1.0)))
     else:
         label = np.ones(n)
     if "weight" in table.columns:
-        weight = _floats(table.columns["weight"])
+        weight = parse_floats(table.columns["weight"])
         drop("bad_weights", ~(np.isfinite(weight) & (weight >= 0)))
     else:
         weight = np.ones(n)

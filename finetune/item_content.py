@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from data_shards.atomic import atomic_write_bytes, atomic_write_text
 from data_shards.reader import ReaderConfig, build_loader
-from finetune.interactions import ItemCatalogue, clip_keys_from_shards
+from finetune.catalogue import ItemCatalogue, clip_keys_from_shards
 from finetune.model import ContentEmbeddings
 from pretrain.distributed import World, all_gather_objects, barrier, broadcast_object
 from pretrain.model import VideoTextModel

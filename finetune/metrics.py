@@ -3,7 +3,7 @@
 Full ranking. Every evaluation example (one user state, one target item) is ranked against
 every catalogue item, not against sampled negatives, whose metrics are biased. The items the
 user has in its history are excluded from the ranking (they could not be recommended again),
-except the target itself; so is the padding index (0 in ``finetune.interactions``).
+except the target itself; so is the padding index (0 in ``finetune.catalogue``).
 
 Memory. Scores are never materialized for all examples × all items: examples go in chunks of
 ``user_chunk`` and, within a chunk, items in chunks of ``item_chunk``, so at most a
@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from finetune.interactions import PADDING_INDEX
+from finetune.catalogue import PADDING_INDEX
 
 logger = logging.getLogger(__name__)
 

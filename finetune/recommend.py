@@ -80,14 +80,14 @@ def open_recommender(path: str | Path, device: str | torch.device = "cpu") -> Ex
 
 
 def read_histories(path: str | Path, recommender: ExportedRecommender) -> dict[str, UserHistory]:
-    """Every user's engaged history in an interaction file (any format ``finetune.interactions``
+    """Every user's engaged history in an interaction file (any format ``finetune.tables``
     reads), in order of first appearance."""
     # The module's value parsers, so ids and times read exactly as in training.
-    from finetune.interactions import (
+    from finetune.tables import (
         InteractionFileError,
-        _floats,
-        _timestamps,
         normalize_id,
+        parse_floats,
+        parse_timestamps,
         read_table,
     )
 
@@ -97,10 +97,10 @@ def read_histories(path: str | Path, recommender: ExportedRecommender) -> dict[s
         raise InteractionFileError(f"{path}: missing required column(s) {', '.join(missing)}")
     users = [normalize_id(value) for value in table.columns["user_id"]]
     items = [normalize_id(value) for value in table.columns["item_id"]]
-    times = _timestamps(table.columns["timestamp"])
+    times = parse_timestamps(table.columns["timestamp"])
     engaged = np.ones(len(users), dtype=bool)
     if "label" in table.columns:
-        engaged = _floats(table.columns["label"]) == 1  # skips (0) never enter histories
+        engaged = parse_floats(table.columns["label"]) == 1  # skips (0) never enter histories
     order = np.lexsort((np.arange(len(users)), times))  # by time, then file order (stable)
     histories: dict[str, UserHistory] = {}
     for user in users:  # first-appearance order
@@ -324,7 +324,7 @@ def _interactions_path(args: argparse.Namespace, recommender: ExportedRecommende
 
 
 def _run(args: argparse.Namespace) -> int:
-    from finetune.interactions import InteractionFileError
+    from finetune.tables import InteractionFileError
 
     if args.top_k < 1:
         print("vidrec recommend: --top-k must be >= 1", file=sys.stderr)

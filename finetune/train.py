@@ -22,14 +22,13 @@ from data_shards.atomic import atomic_write_text
 from data_shards.text import load_tokenizer, resolve_text_model_dir
 from finetune import report
 from finetune.batches import NextItemBatcher, SamplerState, UserSampler
+from finetune.catalogue import read_catalogue, read_cold_items
 from finetune.config import FinetuneConfig, deepspeed_config
 from finetune.evaluate import RankingEvaluation, gathered_copy
 from finetune.interactions import (
     InteractionData,
     check_no_leakage,
     load_interactions,
-    read_catalogue,
-    read_cold_items,
 )
 from finetune.item_content import (
     CACHE_FILE,

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from data_shards.build import BuildConfig, build_shards
-from data_shards.inspect_shards import iter_samples, shard_paths
 from data_shards.reader import ReaderConfig, build_loader, uniform_frame_indices
+from data_shards.shard_set import iter_samples, list_shards
 from data_shards.video import decode_clip, write_video
 
 SIZES = {"T16@224": (16, 224, 224), "demo T8@112": (8, 112, 112)}
@@ -138,7 +138,7 @@ def main() -> None:
         build_shards(manifest, shards, config, progress=False)
         build_wall = time.perf_counter() - started
         per_core = args.sources * args.seconds / build_wall / config.workers
-        clips = [sample["mp4"] for sample in iter_samples(shard_paths(shards))]
+        clips = [sample["mp4"] for sample in iter_samples(list_shards(shards))]
         repeats = max(1, 160 // len(clips))
         # Best of --repeats rounds, interleaved, for every figure: this machine's two vCPUs are
         # shared, and single rounds of the same measurement were seen 40% apart.

@@ -34,6 +34,7 @@ import torch
 
 from data_shards.atomic import atomic_write_bytes, atomic_write_text
 from data_shards.reader import ReaderConfig, build_loader, resolve_shards
+from data_shards.shard_set import read_index
 from pretrain.export import ExportedModel, load_export
 
 log = logging.getLogger(__name__)
@@ -264,10 +265,7 @@ def _expected_clips(shards: list[str], world_size: int) -> int | None:
     directories = {Path(shard).parent for shard in shards if "://" not in shard}
     if len(directories) != 1:
         return None
-    index = next(iter(directories)) / "index.json"
-    if not index.is_file():
-        return None
-    total = json.loads(index.read_text()).get("total_samples")
+    total = (read_index(next(iter(directories))) or {}).get("total_samples")
     return math.ceil(total / world_size) if isinstance(total, int) else None
 
 

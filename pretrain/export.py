@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from data_shards.atomic import atomic_write_text
+from data_shards.shard_set import read_index
 from pretrain.checkpoint import ExportError, check_weights, load_weights
 from pretrain.consolidate import consolidate_checkpoint
 from pretrain.model_card import ModelCard, checkpoint_card, render_model_card
@@ -296,19 +297,17 @@ def write_model_card(export_dir: Path, card: ModelCard | None) -> None:
 # --------------------------------------------------------------------------- from a checkpoint
 
 
-def _preprocessing(run_config: Mapping[str, Any], model_config) -> VideoPreprocessing:
+def video_preprocessing(model_config, shards: str, max_text_length: int) -> VideoPreprocessing:
+    """What the model expects of a clip: its frames and normalisation, and the fps and clip
+    length of the shard set it trained on (``shards``, when a built directory)."""
     video = model_config.video_config
-    data = run_config.get("data", {})
-    settings: dict[str, Any] = {}
-    index = Path(str(data.get("train_shards", ""))) / "index.json"
-    if index.is_file():
-        settings = json.loads(index.read_text()).get("settings", {})
+    settings = (read_index(shards) or {}).get("settings", {}) if shards else {}
     return VideoPreprocessing(
         num_frames=video.num_frames,
         image_size=video.image_size,
         mean=list(model_config.video_mean),
         std=list(model_config.video_std),
-        max_text_length=int(data.get("max_text_length", 32)),
+        max_text_length=max_text_length,
         fps=settings.get("fps"),
         clip_seconds=settings.get("clip_seconds"),
     )
@@ -345,7 +344,11 @@ def export_checkpoint(
         model,
         out_dir,
         tokenizer=tokenizer,
-        preprocessing=_preprocessing(run_config, model_config),
+        preprocessing=video_preprocessing(
+            model_config,
+            str(run_config.get("data", {}).get("train_shards", "")),
+            int(run_config.get("data", {}).get("max_text_length", 32)),
+        ),
         card=card,
         components=components,
         dtype=dtype,

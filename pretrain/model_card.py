@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data_shards.shard_set import read_index
 from pretrain.consolidate import ConsolidatedCheckpoint
 
 
@@ -137,9 +138,8 @@ def _training_data(run_config: Mapping[str, Any], trainer_states: list[dict]) ->
     """Shard-set figures from the training set's index.json, and what the ranks consumed."""
     data = run_config.get("data", {})
     stats: dict[str, Any] = {"shards": data.get("train_shards", "")}
-    index = Path(str(data.get("train_shards", ""))) / "index.json"
-    if index.is_file():
-        content = json.loads(index.read_text())
+    content = read_index(str(data.get("train_shards", "")))
+    if content is not None:
         settings = content.get("settings", {})
         stats["clips"] = content.get("total_samples")
         stats["shard files"] = content.get("total_shards")

@@ -9,19 +9,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from finetune.interactions import (
+from finetune.catalogue import (
     PADDING_INDEX,
-    TEST,
-    TRAIN,
-    VALID,
-    InteractionFileError,
-    LeakageError,
-    check_no_leakage,
     clip_keys_from_shards,
-    load_interactions,
     read_catalogue,
     read_cold_items,
 )
+from finetune.interactions import (
+    TEST,
+    TRAIN,
+    VALID,
+    LeakageError,
+    check_no_leakage,
+    load_interactions,
+)
+from finetune.tables import InteractionFileError
 
 COLUMNS = ("user_id", "item_id", "timestamp", "label", "weight")
 # File order; u2's second row goes back in time; u1's i3 and u3's i1 are skips (label 0).
@@ -96,6 +98,19 @@ def test_csv(tmp_path, catalogue):
 def test_jsonl(tmp_path, catalogue):
     records = [dict(zip(COLUMNS, row, strict=True)) for row in ROWS]
     assert_reference_split(load_interactions(write_jsonl(tmp_path / "x.jsonl", records), catalogue))
+
+
+def test_jsonl_malformed_lines_are_skipped_and_counted(tmp_path, catalogue):
+    records = [json.dumps(dict(zip(COLUMNS, row, strict=True))) for row in ROWS]
+    lines = records[:3] + ["{not json", "", "[1, 2]"] + records[3:]
+    (tmp_path / "x.jsonl").write_text("\n".join(lines) + "\n")
+    data = load_interactions(tmp_path / "x.jsonl", catalogue)
+    assert_reference_split(data)
+    assert data.report.malformed_lines == 2
+    examples = data.report.examples["malformed_lines"]
+    assert [example["line"] for example in examples] == [4, 6]
+    assert examples[0]["reason"].startswith("not JSON (")
+    assert examples[1]["reason"] == "not a JSON object"
 
 
 def test_parquet(tmp_path, catalogue):

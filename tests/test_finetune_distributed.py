@@ -26,9 +26,10 @@ from test_pretrain_distributed import (
 )
 
 from finetune import report
+from finetune.catalogue import read_catalogue, read_cold_items
 from finetune.config import load_finetune_config
 from finetune.export import export_finetune, load_recommender
-from finetune.interactions import load_interactions, read_catalogue, read_cold_items
+from finetune.interactions import load_interactions
 from finetune.metrics import auc, evaluate_ranking
 
 pytestmark = pytest.mark.distributed

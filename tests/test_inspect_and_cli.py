@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -9,8 +10,9 @@ import pytest
 from PIL import Image
 from shard_factory import HEIGHT, WIDTH, write_shards
 
+from data_shards.build import BuildConfig, parse_part
 from data_shards.inspect_shards import inspect_shards
-from vidrec_cli import main
+from vidrec_cli import build_parser, main
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +83,12 @@ def test_cli_synth_then_build_then_inspect(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "samples: 6" in out
     assert (shards / "contact_sheet.png").is_file()
+
+
+def test_cli_build_defaults_are_the_build_configs():
+    args = build_parser().parse_args(["shards", "build", "--manifest", "m", "--out", "o"])
+    defaults = BuildConfig()
+    for field in dataclasses.fields(BuildConfig):
+        if field.name not in ("part", "num_parts"):
+            assert getattr(args, field.name) == getattr(defaults, field.name), field.name
+    assert parse_part(args.part) == (defaults.part, defaults.num_parts)
