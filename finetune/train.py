@@ -101,13 +101,14 @@ class Finetuner(Trainer):
         encoder, self.pretrain_run_id = load_encoder(config.encoder)
         encoder.to(world.device)
         self.encoder_config = encoder.config
+        self.tokenizer = load_tokenizer(resolve_text_model_dir(encoder.config.text_model_dir))
         self.items = self._item_source(encoder, catalogue)
 
         # --- the content model
         self.spec = RecommenderSpec.from_config(config, encoder.config.embed_dim, self.num_items)
         self.zero3 = config.parallel.zero_stage == 3
         # under ZeRO-3, items embedded with every batch so that every rank runs both encoders
-        self.anchors = self.items.anchors() if self.zero3 else self.items.anchors()[:0]
+        self.anchors = self.items.anchors() if self.zero3 else torch.zeros(0, dtype=torch.long)
         objective = build_model(self.spec, encoder, loss_bce_weight=config.loss.bce_weight)
         self.engine, self.scheduler = build_engine(
             objective, config, world, config.train.steps, config.optimizer.lr, config.encoder.lr
@@ -126,9 +127,7 @@ class Finetuner(Trainer):
         """Cached content (frozen encoders) or the clip store and texts (encoders that train)."""
         data_config, world = self.config.data, self.world
         video = encoder.config.video_config
-        self.tokenizer = tokenizer = load_tokenizer(
-            resolve_text_model_dir(encoder.config.text_model_dir)
-        )
+        tokenizer = self.tokenizer
         texts = tokenize_catalogue(catalogue, tokenizer, data_config.max_text_length)
         sources = locate_clips(catalogue, data_config.shards)
         reading = ClipReading(
