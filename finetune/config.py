@@ -42,7 +42,7 @@ __all__ = [
 @dataclass
 class FinetuneDataSettings:
     interactions: str = ""
-    """Interaction log (CSV, TSV, JSONL, Parquet, RecBole ``.inter``; see finetune.interactions)."""
+    """Interaction log (CSV, TSV, JSONL, Parquet, RecBole ``.inter``; see finetune.tables)."""
     catalogue: str = ""
     """Item catalogue (e.g. the synthetic ``items.jsonl``); "" = items known by id only."""
     shards: list[str] = field(default_factory=list)
