@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from data_shards.atomic import atomic_write_text
+from data_shards.atomic import atomic_write_text, file_sha256
 from data_shards.text import load_tokenizer, resolve_text_model_dir
 from finetune.batches import history_windows
 from finetune.catalogue import read_catalogue, read_cold_items
@@ -63,7 +63,6 @@ from pretrain.export import (
     ExportError,
     VideoPreprocessing,
     export_model,
-    file_sha256,
     load_export,
     read_info,
     video_preprocessing,

@@ -11,14 +11,18 @@ bars come from global rank 0 only.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import time
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save
 
-from data_shards.atomic import atomic_write_text
+from data_shards.atomic import atomic_write_bytes, atomic_write_text, file_sha256
 from data_shards.text import load_tokenizer, resolve_text_model_dir
 from finetune import report
 from finetune.batches import NextItemBatcher, SamplerState, UserSampler
@@ -43,10 +47,14 @@ from finetune.model import Recommender
 from finetune.objective import NextItemBatch
 from finetune.recommender import RecommenderSpec, build_model, load_encoder
 from pretrain import checkpoint, trainer
-from pretrain.distributed import World, init_distributed
+from pretrain.checkpoint import load_weights
+from pretrain.distributed import World, broadcast_object, init_distributed
 from pretrain.trainer import Trainer
 
 log = logging.getLogger(__name__)
+
+ID_SASREC_FILE = "id_sasrec.safetensors"
+"""The trained ID-SASRec baseline, reused by a rerun with the same fingerprint."""
 
 
 def build_engine(module: torch.nn.Module, config: FinetuneConfig, world: World, steps: int,
@@ -199,12 +207,50 @@ class Finetuner(Trainer):
             self.tracker.log_metrics(metrics, self.state.step)
         return valid
 
-    def train_id_sasrec(self) -> tuple[Recommender, ItemSource]:
-        """The ID-only SASRec baseline: same user tower, head, loss and sampler, its own
-        engine; trained from scratch each time (seconds; not checkpointed)."""
-        baselines = self.config.baselines
-        torch.manual_seed(self.config.train.seed + 1)
+    def id_sasrec_fingerprint(self) -> str:
+        """What the baseline depends on: the resolved config but where it is written (its
+        negatives come from the run's generator after the main training), the world and the
+        data files' content."""
+        data = self.config.data
+        files = [data.interactions, data.catalogue, data.cold_items]
+        config = {k: v for k, v in self.resolved.items() if k != "tracking"}
+        config["train"] = {k: v for k, v in config["train"].items() if k != "output_dir"}
+        record = {
+            "config": config,
+            "world_size": self.world.world_size,
+            "files": [file_sha256(path) if path else "" for path in files],
+        }
+        return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+    def id_sasrec(self) -> tuple[Recommender, ItemSource]:
+        """The ID-only SASRec baseline as a plain module, trained once per fingerprint and
+        reused from ``id_sasrec.safetensors`` on a rerun (every rank calls this together)."""
         ids = ItemSource(self.items.warm)
+        path, fingerprint = self.output_dir / ID_SASREC_FILE, self.id_sasrec_fingerprint()
+        reuse = False
+        if self.world.is_main and path.is_file():
+            with safe_open(str(path), "pt") as handle:
+                reuse = (handle.metadata() or {}).get("fingerprint") == fingerprint
+        if broadcast_object(reuse):
+            log.info("ID-SASRec baseline reused from %s", path)
+            tensors = load_file(str(path), device=str(self.world.device))
+            dtype = next(t.dtype for t in tensors.values() if t.is_floating_point())
+            module = build_model(self.spec, None).to(self.world.device, dtype)  # as trained
+            load_weights(module, tensors, path)
+            return module.requires_grad_(False), ids
+        module = self.train_id_sasrec(ids)
+        if self.zero3:
+            module = gathered_copy(module, self.spec, None)
+        if self.world.is_main:
+            tensors = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+            atomic_write_bytes(path, save(tensors, metadata={"fingerprint": fingerprint}))
+        return module, ids
+
+    def train_id_sasrec(self, ids: ItemSource) -> Recommender:
+        """The ID-only SASRec baseline: same user tower, head, loss and sampler, its own
+        engine, from scratch."""
+        baselines, train = self.config.baselines, self.config.train
+        torch.manual_seed(train.seed + 1)
         module = build_model(self.spec, None, loss_bce_weight=self.config.loss.bce_weight)
         engine, _ = build_engine(
             module, self.config, self.world, baselines.id_sasrec_steps, baselines.id_sasrec_lr,
@@ -212,6 +258,7 @@ class Finetuner(Trainer):
         )  # fmt: skip
         state = SamplerState()
         engine.train()
+        started = time.perf_counter()
         for _ in range(baselines.id_sasrec_steps):
             metrics = trainer.optimizer_step(
                 engine,
@@ -219,20 +266,28 @@ class Finetuner(Trainer):
                 lambda: self.next_item_batch(state, ids),
                 engine,
                 grad_accum_steps=self.config.parallel.grad_accum_steps,
-                max_nonfinite_streak=self.config.train.max_nonfinite_streak,
+                max_nonfinite_streak=train.max_nonfinite_streak,
                 device=self.world.device,
             )
-            if self.world.is_main and (state.step % max(1, self.config.train.log_every) == 0):
+            logged = state.step % max(1, train.log_every) == 0
+            if self.world.is_main and logged:
                 self.tracker.log_metrics({"id_sasrec_loss": metrics["loss"]}, state.step)
+                log.info(
+                    "ID-SASRec baseline step %d/%d: loss %.4f (%.0f s)",
+                    state.step,
+                    baselines.id_sasrec_steps,
+                    metrics["loss"],
+                    time.perf_counter() - started,
+                )
         log.info("ID-SASRec baseline: %d steps, last loss %.4f", state.step, metrics["loss"])
-        return engine.module, ids
+        return engine.module
 
     def final_report(self) -> dict[str, Any]:
         """The content model and the baselines on valid and test: metrics.json, a comparison
         plot and MLflow metrics."""
         by_model = {"content": self.evaluate_model(self.engine.module, self.items)}
         if self.config.baselines.id_sasrec:
-            by_model["id_sasrec"] = self.evaluate_model(*self.train_id_sasrec())
+            by_model["id_sasrec"] = self.evaluation.evaluate(*self.id_sasrec())
         if self.config.baselines.popularity:
             by_model["popularity"] = self.evaluation.popularity(self.batcher.popularity)
         results = {

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from data_shards.atomic import atomic_write_text
+from data_shards.atomic import atomic_write_text, file_sha256
 from data_shards.shard_set import read_index
 from pretrain.checkpoint import ExportError, check_weights, load_weights
 from pretrain.consolidate import consolidate_checkpoint
@@ -110,15 +110,6 @@ class ExportComponent:
     def __post_init__(self):
         if not re.fullmatch(r"[A-Za-z0-9_-]+", self.name):
             raise ValueError(f"component name {self.name!r}: use letters, digits, _ and -")
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks (weight files need not fit in memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _weight_files(directory: Path) -> list[Path]:

@@ -4,8 +4,10 @@ hold what they should, and the shipped presets load."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -118,6 +120,24 @@ def test_content_cache_is_reused_on_rerun(frozen_run, world):  # noqa: F811
     again = Finetuner(trainer.config, world)  # the same output dir and encoder
     assert (output / "item_content.safetensors").stat().st_mtime_ns == stamp
     torch.testing.assert_close(again.items.cache.video, trainer.items.cache.video)
+
+
+def test_id_sasrec_baseline_is_trained_once_and_reused_by_a_rerun(frozen_run, world, tmp_path):  # noqa: F811
+    trainer, results, _, output = frozen_run
+    moved = tmp_path / "moved"
+    shutil.copytree(output, moved)  # where a run is written is not part of the fingerprint
+    config = copy.deepcopy(trainer.config)
+    config.train.output_dir = config.tracking.output_dir = str(moved)
+    saved = moved / "id_sasrec.safetensors"
+    stamp = saved.stat().st_mtime_ns
+    again = Finetuner(config, world)
+    rerun = again.fit()  # resumes at its last step: nothing to train, the report again
+    assert saved.stat().st_mtime_ns == stamp
+    for split in ("valid", "test"):
+        assert rerun["metrics"][split]["id_sasrec"] == results["metrics"][split]["id_sasrec"]
+    fingerprint = again.id_sasrec_fingerprint()
+    again.resolved["baselines"]["id_sasrec_steps"] += 1
+    assert again.id_sasrec_fingerprint() != fingerprint
 
 
 def test_metrics_json_compares_models_on_warm_and_cold_targets(frozen_run):
