@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from pretrain.cli import add_config_arguments
@@ -20,10 +21,11 @@ def add_parser(commands) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from finetune.config import ConfigError, deepspeed_config, load_finetune_config
-    from pretrain.config import to_dict
+    from pretrain.config import launcher_overrides, to_dict
 
     try:
-        config = load_finetune_config(args.config, args.overrides)
+        overrides = launcher_overrides(os.environ, args.overrides)
+        config = load_finetune_config(args.config, overrides)
         ds_config = deepspeed_config(config, args.world_size)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"vidrec finetune: {err}", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -34,13 +35,15 @@ def _run(args: argparse.Namespace) -> int:
     from pretrain.config import (
         ConfigError,
         deepspeed_config,
+        launcher_overrides,
         load_pretrain_config,
         model_width,
         to_dict,
     )
 
     try:
-        config = load_pretrain_config(args.config, args.overrides)
+        overrides = launcher_overrides(os.environ, args.overrides)
+        config = load_pretrain_config(args.config, overrides)
         ds_config = deepspeed_config(config, args.world_size, model_width(config))
         model_config = config.model.build_config()
     except (ConfigError, FileNotFoundError, ValueError) as err:

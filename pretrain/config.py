@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -135,6 +136,33 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 raise ConfigError(f"--set {key}: {part} is not a section")
         node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
     return data
+
+
+ACCELERATE_PRECISION = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}
+
+
+def launcher_overrides(environ: Mapping[str, str], overrides: list[str]) -> list[str]:
+    """``overrides`` after the settings of an ``accelerate launch`` config that started this
+    process (its ZeRO stage and mixed precision, from the environment it sets), so that one
+    accelerate config per ZeRO stage selects the stage. A ``--set`` of the same field to
+    another value is refused: two places would disagree."""
+    if environ.get("ACCELERATE_USE_DEEPSPEED") != "true":
+        return list(overrides)
+    launcher = {}
+    if "ACCELERATE_DEEPSPEED_ZERO_STAGE" in environ:
+        launcher["parallel.zero_stage"] = int(environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"])
+    precision = ACCELERATE_PRECISION.get(environ.get("ACCELERATE_MIXED_PRECISION", ""))
+    if precision:
+        launcher["parallel.precision"] = precision
+    for override in overrides:
+        key, _, raw = override.partition("=")
+        key = key.strip()
+        if key in launcher and yaml.safe_load(raw) != launcher[key]:
+            raise ConfigError(
+                f"--set {override} contradicts the accelerate config that launched this run "
+                f"({key}={launcher[key]}): change one of them"
+            )
+    return [f"{key}={value}" for key, value in launcher.items()] + list(overrides)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

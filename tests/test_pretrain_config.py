@@ -11,6 +11,7 @@ from pretrain.config import (
     PretrainConfig,
     deepspeed_config,
     from_dict,
+    launcher_overrides,
     load_pretrain_config,
     model_width,
     to_dict,
@@ -108,3 +109,18 @@ def test_check_command_prints_config_without_starting(capsys):
     assert '"train_batch_size": 1024' in out
     assert "parameters:" in out
     assert main(["pretrain", "--config", str(CONFIGS / "tiny.yaml"), "--set", "x.y=1"]) == 2
+
+
+def test_an_accelerate_config_sets_the_zero_stage_and_a_contradicting_set_is_refused():
+    environ = {
+        "ACCELERATE_USE_DEEPSPEED": "true",
+        "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+        "ACCELERATE_MIXED_PRECISION": "bf16",
+    }
+    overrides = launcher_overrides(environ, ["train.steps=5", "parallel.zero_stage=3"])
+    config = load_pretrain_config(CONFIGS / "tiny.yaml", overrides)
+    assert config.parallel.zero_stage == 3 and config.parallel.precision == "bf16"
+    assert config.train.steps == 5
+    assert launcher_overrides({}, ["parallel.zero_stage=1"]) == ["parallel.zero_stage=1"]
+    with pytest.raises(ConfigError, match=r"parallel\.zero_stage=1 contradicts .*zero_stage=3"):
+        launcher_overrides(environ, ["parallel.zero_stage=1"])

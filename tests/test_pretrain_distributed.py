@@ -31,6 +31,7 @@ from pretrain.config import PretrainConfig, from_dict
 pytestmark = pytest.mark.distributed
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parent.parent
 STEPS = 8
 LOSSES = ("loss", "loss_contrastive", "loss_masked_video", "loss_masked_language")
 # fp32 on CPU: the runs compared below do the same arithmetic up to the order of a few
@@ -86,7 +87,9 @@ class Run:
         return [entry[key] for entry in self.history]
 
 
-def _command(shards: dict[str, Path], output_dir: str | Path, overrides, launcher_args):
+def _command(shards: dict[str, Path], output_dir: str | Path, overrides, launcher: list[str]):
+    """``launcher`` (the program that starts the ranks, and its arguments) running
+    ``vidrec pretrain`` on the tiny preset."""
     settings = {
         "data.train_shards": shards["train"],
         "train.output_dir": output_dir,
@@ -95,7 +98,7 @@ def _command(shards: dict[str, Path], output_dir: str | Path, overrides, launche
         # a loaded machine can take over the default 10 s to create the MLflow sqlite schema
         "tracking.start_timeout_s": 60,
     }
-    command = [str(BIN / "deepspeed"), *launcher_args, str(BIN / "vidrec"), "pretrain"]
+    command = [*launcher, str(BIN / "vidrec"), "pretrain"]
     command += ["--config", str(CONFIGS / "tiny.yaml")]
     for item in [f"{k}={v}" for k, v in settings.items()] + list(overrides):
         command += ["--set", item]
@@ -103,14 +106,29 @@ def _command(shards: dict[str, Path], output_dir: str | Path, overrides, launche
 
 
 def _single_node(port: int) -> list[str]:
-    return ["--num_gpus", "2", "--master_port", str(port)]
+    return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port)]
 
 
-def launch(shards, output_dir: Path, *overrides: str, timeout: float = 300) -> Run:
-    """One 2-rank run on this machine, its output in ``<output_dir>.log``; asserts exit 0."""
+def _torchrun(port: int) -> list[str]:
+    return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(port)]
+
+
+def _accelerate(config_file: Path):
+    def launcher(port: int) -> list[str]:
+        return [str(BIN / "accelerate"), "launch", "--config_file", str(config_file),
+                "--main_process_port", str(port)]  # fmt: skip
+
+    return launcher
+
+
+def launch(
+    shards, output_dir: Path, *overrides: str, timeout: float = 300, launcher=_single_node
+) -> Run:
+    """One 2-rank run on this machine (``launcher(port)``: the deepspeed launcher, or another
+    that starts two ranks), its output in ``<output_dir>.log``; asserts exit 0."""
     log = output_dir.with_name(f"{output_dir.name}.log")
     port = _free_port()
-    command = _command(shards, output_dir, overrides, _single_node(port))
+    command = _command(shards, output_dir, overrides, launcher(port))
     job = _launch_in_background(command, output_dir.parent, log)
     try:
         job.wait(timeout=timeout)
@@ -357,6 +375,43 @@ def test_resume_after_a_clean_stop_and_after_sigkill(reference, synthetic_shards
     assert {1, 2, *range(killed_at + 1, STEPS + 1)} <= logged
 
 
+# ------------------------------------------------------------------------------ other launchers
+
+
+def test_torchrun_starts_the_same_training(reference, synthetic_shards, tmp_path):
+    """``torchrun --nproc_per_node 2``: the ranks take their place from its environment and
+    take the reference's steps (4 of them; the start-up is the launcher's only part)."""
+    run = launch(synthetic_shards, tmp_path / "run", "train.steps=4", launcher=_torchrun)
+    assert [e["step"] for e in run.history] == [1, 2, 3, 4]
+    assert_same_training(run, reference, steps=[1, 2, 3, 4], keys=LOSSES)
+
+
+def test_accelerate_launch_takes_the_zero_stage_of_its_config(
+    reference, synthetic_shards, tmp_path
+):
+    """``accelerate launch --config_file launch/accelerate/zero3.yaml``: two CPU ranks, ZeRO-3
+    from the accelerate config (not the run config's 2); ZeRO-3 takes ZeRO-2's steps."""
+    config_file = ROOT / "launch" / "accelerate" / "zero3.yaml"
+    run = launch(
+        synthetic_shards,
+        tmp_path / "run",
+        "train.steps=4",
+        launcher=_accelerate(config_file),
+    )
+    resolved = yaml.safe_load((run.output_dir / "config.yaml").read_text())
+    assert resolved["parallel"]["zero_stage"] == 3 and resolved["parallel"]["precision"] == "fp32"
+    deepspeed_json = json.loads((run.output_dir / "deepspeed.json").read_text())
+    assert deepspeed_json["zero_optimization"]["stage"] == 3
+    assert_same_training(run, reference, steps=[1, 2, 3, 4], keys=LOSSES)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_each_accelerate_config_is_a_zero_stage_on_two_cpu_processes(stage):
+    config = yaml.safe_load((ROOT / "launch" / "accelerate" / f"zero{stage}.yaml").read_text())
+    assert config["distributed_type"] == "DEEPSPEED" and config["use_cpu"] is True
+    assert config["deepspeed_config"]["zero_stage"] == stage and config["num_processes"] == 2
+
+
 # ------------------------------------------------------------------------------ two nodes
 
 
@@ -374,7 +429,8 @@ def test_two_nodes_on_one_machine(reference, synthetic_shards, tmp_path):
         for node in (0, 1):
             directory = tmp_path / f"node{node}"
             directory.mkdir()
-            launcher = ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node)]
+            launcher = [str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh"]
+            launcher += ["--node_rank", str(node)]
             launcher += ["--master_addr", "127.0.0.1", "--master_port", str(port)]
             command = _command(synthetic_shards, "out", overrides, launcher)
             jobs.append(_launch_in_background(command, directory, directory / "launcher.log"))
