@@ -48,8 +48,9 @@ class FinetuneDataSettings:
     shards: list[str] = field(default_factory=list)
     """Shard directories holding the items' clips (e.g. shards_warm and shards_cold); the
     clips are matched to items by the ``item_id`` of their JSON member."""
-    cold_items: str = ""
-    """Cold-start item ids: ``synth.json``, a manifest/catalogue, or a text file ("" = none)."""
+    cold_items: str | list[str] = ""
+    """Cold-start item ids: a list of ids, or a file: ``synth.json``, a manifest/catalogue, or
+    a text file ("" = none)."""
     min_interactions: int = 3
     """Users with fewer engaged interactions are dropped (>= 3: train + valid + test)."""
     max_history_length: int = 50
@@ -196,7 +197,7 @@ class FinetuneConfig:
             raise ConfigError("data.interactions is empty: nothing to finetune on")
         for name in ("interactions", "catalogue", "cold_items"):
             value = getattr(self.data, name)
-            if value and not Path(value).is_file():
+            if value and isinstance(value, str) and not Path(value).is_file():
                 raise ConfigError(f"data.{name}: {value} is not a file")
         for index, directory in enumerate(self.data.shards):
             if not Path(directory).is_dir():

@@ -41,9 +41,8 @@ import torch
 from data_shards.atomic import atomic_write_text, file_sha256
 from data_shards.text import load_tokenizer, resolve_text_model_dir
 from finetune.batches import history_windows
-from finetune.catalogue import read_catalogue, read_cold_items
 from finetune.config import ConfigError, FinetuneConfig
-from finetune.interactions import load_interactions
+from finetune.interactions import load_run_data
 from finetune.item_content import (
     CACHE_FILE,
     read_clip_store,
@@ -264,14 +263,8 @@ def _build(output_dir: str | Path, tag: str | None = None) -> _Built:
 
     # --- the data the item table and the warm / cold flags come from, as in training
     settings = config.data
-    catalogue = read_catalogue(settings.catalogue, text_fields=settings.text_fields)
-    cold_ids = read_cold_items(settings.cold_items) if settings.cold_items else set()
-    data = load_interactions(
-        settings.interactions,
-        catalogue,
-        cold_items=cold_ids,
-        min_interactions=settings.min_interactions,
-    )
+    data = load_run_data(settings)
+    catalogue = data.catalogue
     num_items = data.num_items
     warm = torch.from_numpy(data.popularity() > 0)  # (N + 1,)
     cold = torch.from_numpy(data.cold_items.copy())  # (N + 1,)

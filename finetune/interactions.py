@@ -25,7 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from finetune.catalogue import ItemCatalogue
+from finetune.catalogue import ItemCatalogue, read_catalogue, read_cold_items
+from finetune.config import FinetuneDataSettings
 from finetune.tables import (
     MAX_EXAMPLES,
     InteractionFileError,
@@ -564,3 +565,20 @@ def check_no_leakage(data: InteractionData) -> None:
         problems.append(f"{cold} training rows have cold-start items")
     if problems:
         raise LeakageError("; ".join(problems))
+
+
+def load_run_data(settings: FinetuneDataSettings) -> InteractionData:
+    """A finetune run's interactions as training and export read them: with the catalogue's
+    items, or the items the interactions name (known by id only) when there is none, and the
+    cold-start ids listed in the config or in a file."""
+    catalogue = None
+    if settings.catalogue:
+        catalogue = read_catalogue(settings.catalogue, text_fields=settings.text_fields)
+    cold = settings.cold_items
+    cold_ids = read_cold_items(cold) if isinstance(cold, str) and cold else set(cold or ())
+    return load_interactions(
+        settings.interactions,
+        catalogue,
+        cold_items=cold_ids,
+        min_interactions=settings.min_interactions,
+    )

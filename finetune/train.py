@@ -26,14 +26,9 @@ from data_shards.atomic import atomic_write_bytes, atomic_write_text, file_sha25
 from data_shards.text import load_tokenizer, resolve_text_model_dir
 from finetune import report
 from finetune.batches import NextItemBatcher, SamplerState, UserSampler
-from finetune.catalogue import read_catalogue, read_cold_items
 from finetune.config import FinetuneConfig, deepspeed_config
 from finetune.evaluate import RankingEvaluation, gathered_copy
-from finetune.interactions import (
-    InteractionData,
-    check_no_leakage,
-    load_interactions,
-)
+from finetune.interactions import InteractionData, check_no_leakage, load_run_data
 from finetune.item_content import (
     CACHE_FILE,
     ClipReading,
@@ -87,14 +82,7 @@ class Finetuner(Trainer):
         torch.manual_seed(config.train.seed)  # the same initial weights on every rank
 
         # --- interactions
-        catalogue = read_catalogue(data_config.catalogue, text_fields=data_config.text_fields)
-        cold = read_cold_items(data_config.cold_items) if data_config.cold_items else set()
-        self.data: InteractionData = load_interactions(
-            data_config.interactions,
-            catalogue,
-            cold_items=cold,
-            min_interactions=data_config.min_interactions,
-        )
+        self.data: InteractionData = load_run_data(data_config)
         check_no_leakage(self.data)
         self.batcher = NextItemBatcher(self.data, config.loss, data_config.max_history_length)
         self.evaluation = RankingEvaluation(
@@ -110,7 +98,7 @@ class Finetuner(Trainer):
         encoder.to(world.device)
         self.encoder_config = encoder.config
         self.tokenizer = load_tokenizer(resolve_text_model_dir(encoder.config.text_model_dir))
-        self.items = self._item_source(encoder, catalogue)
+        self.items = self._item_source(encoder, self.data.catalogue)
 
         # --- the content model
         self.spec = RecommenderSpec.from_config(config, encoder.config.embed_dim, self.num_items)

@@ -5,6 +5,7 @@ hold what they should, and the shipped presets load."""
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import math
 import shutil
@@ -138,6 +139,35 @@ def test_id_sasrec_baseline_is_trained_once_and_reused_by_a_rerun(frozen_run, wo
     fingerprint = again.id_sasrec_fingerprint()
     again.resolved["baselines"]["id_sasrec_steps"] += 1
     assert again.id_sasrec_fingerprint() != fingerprint
+
+
+def test_without_a_catalogue_items_are_known_by_id_and_cold_items_may_be_a_list(
+    world,  # noqa: F811
+    synthetic_shards,
+    tmp_path,
+):
+    synth = synthetic_shards["train"].parent / "synth"
+    cold = json.loads((synth / "synth.json").read_text())["cold_start_items"]
+    config = tiny(
+        synthetic_shards,
+        tmp_path / "out",
+        "data.catalogue=",
+        f"data.cold_items=[{', '.join(cold)}]",
+        "train.steps=3",
+        "baselines.id_sasrec=false",
+    )
+    trainer = Finetuner(config, world)
+    with open(synth / "interactions.csv", newline="") as handle:
+        named = {row["item_id"] for row in csv.DictReader(handle)}
+    catalogue = trainer.data.catalogue
+    assert set(catalogue.item_ids) == named and trainer.num_items == len(named)
+    assert not catalogue.has_text().any()
+    assert trainer.data.report.cold_items == len(set(cold) & named) > 0
+    # clips found in the shards by the item_id of their JSON member, text for none
+    cache = trainer.items.cache
+    assert cache.video_mask[1:].sum() > 0 and not cache.text_mask.any()
+    results = trainer.fit()
+    assert math.isfinite(results["last_loss"]) and "content" in results["metrics"]["test"]
 
 
 def test_metrics_json_compares_models_on_warm_and_cold_targets(frozen_run):
