@@ -30,20 +30,26 @@ class Windows:
     items: torch.Tensor  # (B, W) long
     time_gaps: torch.Tensor  # (B, W) float seconds since the previous item, -1 unknown
     times: torch.Tensor  # (B, W) float64 timestamps, +inf at padding and where unknown
+    values: torch.Tensor | None = None  # (B, W) float: a per-item value (0 at padding)
 
 
 def history_windows(
     histories: Sequence[Sequence[int]],
     times: Sequence[Sequence[float] | None] | None,
     width: int,
+    values: Sequence[Sequence[float]] | None = None,
 ) -> Windows:
     """The last ``width`` items of each history (oldest first) and their time gaps; ``times``
-    (seconds, one per item, or None for a history whose times are unknown) may be None."""
+    (seconds, one per item, or None for a history whose times are unknown) may be None;
+    ``values`` (one per item) are windowed alike."""
     items = np.zeros((len(histories), width), dtype=np.int64)
     stamps = np.full((len(histories), width), np.inf)
+    windowed = np.zeros((len(histories), width), dtype=np.float32) if values is not None else None
     for row, history in enumerate(histories):
         window = np.asarray(history, dtype=np.int64)[-width:]
         items[row, : len(window)] = window
+        if windowed is not None:
+            windowed[row, : len(window)] = np.asarray(values[row])[-width:]
         stamp = times[row] if times is not None else None
         if stamp is not None and len(stamp):
             if len(stamp) != len(history):
@@ -54,17 +60,28 @@ def history_windows(
         gaps[:, 1:] = stamps[:, 1:] - stamps[:, :-1]
     gaps[~np.isfinite(gaps)] = -1.0  # unknown: the first slot, padding, missing times
     return Windows(
-        torch.from_numpy(items), torch.from_numpy(gaps).float(), torch.from_numpy(stamps)
+        torch.from_numpy(items),
+        torch.from_numpy(gaps).float(),
+        torch.from_numpy(stamps),
+        None if windowed is None else torch.from_numpy(windowed),
     )
 
 
-def user_windows(sequences: Sequences, times: np.ndarray, users: np.ndarray, width: int):
-    """``history_windows`` of ``users``' sequences (``times``: (total,) per sequence item)."""
+def user_windows(
+    sequences: Sequences,
+    times: np.ndarray,
+    users: np.ndarray,
+    width: int,
+    values: np.ndarray | None = None,
+) -> Windows:
+    """``history_windows`` of ``users``' sequences (``times``, ``values``: (total,) per
+    sequence item)."""
     spans = [(sequences.offsets[user], sequences.offsets[user + 1]) for user in users]
     return history_windows(
         [sequences.items[start:stop] for start, stop in spans],
         [times[start:stop] for start, stop in spans],
         width,
+        None if values is None else [values[start:stop] for start, stop in spans],
     )
 
 
@@ -119,6 +136,11 @@ class NextItemBatcher:
         self.sequences = data.train_sequences()
         # per item of the training sequences, once: a step cuts windows out of it
         self.sequence_times = self.times_by_row[self.sequences.rows]
+        self.sequence_weights = None
+        if self.loss.row_weights:
+            weights_by_row = np.ones(len(self.times_by_row), dtype=np.float32)
+            weights_by_row[data.row] = data.weight
+            self.sequence_weights = weights_by_row[self.sequences.rows]
         self.popularity = popularity = data.popularity()  # (N + 1,) training counts
         self.popularity_probability = torch.from_numpy(popularity / popularity.sum())
         self.warm_ids = torch.nonzero(torch.from_numpy(popularity > 0)).squeeze(1)
@@ -139,7 +161,11 @@ class NextItemBatcher:
         """``anchors``: item ids embedded with every batch (``ItemSource.anchors``)."""
         loss = self.loss
         window = user_windows(
-            self.sequences, self.sequence_times, users, self.max_history_length + 1
+            self.sequences,
+            self.sequence_times,
+            users,
+            self.max_history_length + 1,
+            self.sequence_weights,
         )  # (B, L + 1)
         num_negatives = loss.uniform_negatives
         draws = torch.randint(len(self.warm_ids), (num_negatives,), generator=generator)
@@ -156,6 +182,7 @@ class NextItemBatcher:
             window_rows=inverse[:count].view(window.items.shape).to(device),
             time_gaps=window.time_gaps.to(device),
             negative_rows=inverse[count : count + num_negatives].to(device),
+            weights=None if window.values is None else window.values.to(device),
         )
         if loss.logq:
             targets = window.items[:, 1:]

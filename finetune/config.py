@@ -140,6 +140,9 @@ class LossSettings:
     """Subtract log of each candidate's expected count (popularity and uniform draws)."""
     bce_weight: float = 0.0
     """Weight of binary cross-entropy on labelled training rows (skips = 0); 0 = off."""
+    row_weights: bool = False
+    """Weight each next-item row's loss by its target interaction's ``weight`` column (e.g.
+    the watch ratio; 1 where the log has none), normalised over the rows of a micro-batch."""
 
     def __post_init__(self):
         if self.uniform_negatives < 0 or self.bce_weight < 0:

@@ -563,8 +563,10 @@ def sampled_softmax_loss(
     candidate_log_q: torch.Tensor | None = None,  # (R + S,)
     history_ids: torch.Tensor | None = None,  # (U, L)
     history_index: torch.Tensor | None = None,  # (R,) row → history row
+    row_weights: torch.Tensor | None = None,  # (R,) >= 0
 ) -> torch.Tensor:
-    """Softmax over in-batch positives and sampled negatives, mean over rows.
+    """Softmax over in-batch positives and sampled negatives, mean over rows (weighted by
+    ``row_weights`` when given).
 
     Candidates are [the R positives of the batch, then the S sampled negatives]; row r's target
     is candidate r. For each row the following candidates are removed (logit -inf), because
@@ -596,7 +598,11 @@ def sampled_softmax_loss(
     valid = positive_ids != PAD_ID
     if not valid.any():
         return user_states.sum() * 0  # zero, still connected to the graph for backward
-    return F.cross_entropy(logits[valid], rows[valid])
+    if row_weights is None:
+        return F.cross_entropy(logits[valid], rows[valid])
+    losses = F.cross_entropy(logits[valid], rows[valid], reduction="none")
+    weights = row_weights[valid]
+    return (losses * weights).sum() / weights.sum().clamp(min=torch.finfo(weights.dtype).tiny)
 
 
 def pointwise_bce_loss(

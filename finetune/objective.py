@@ -34,6 +34,7 @@ class NextItemBatch:
     time_gaps: torch.Tensor  # (B, L + 1) float seconds, -1 unknown
     negative_rows: torch.Tensor  # (S,) long: the uniform negatives
     log_q: torch.Tensor | None = None  # (R + S,) logQ of [positives, negatives]
+    weights: torch.Tensor | None = None  # (B, L + 1) float: each window item's row weight
     bce_user: torch.Tensor | None = None  # (P,) long: batch row of each labelled row
     bce_position: torch.Tensor | None = None  # (P,) long: window slot of the state scoring it
     bce_item_rows: torch.Tensor | None = None  # (P,) long: the labelled item
@@ -74,6 +75,7 @@ class NextItemObjective(Recommender):
             candidate_log_q=batch.log_q,
             history_ids=window_ids,
             history_index=users.repeat_interleave(length)[rows],
+            row_weights=None if batch.weights is None else batch.weights[:, 1:].flatten()[rows],
         )
         losses = {"loss_softmax": softmax, "loss": softmax}
         if self.bce_weight > 0:

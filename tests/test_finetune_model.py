@@ -285,6 +285,21 @@ def test_loss_equals_hand_computed_cross_entropy():
     assert loss.item() == pytest.approx((row0 + row1) / 2, rel=1e-6)
 
 
+def test_row_weights_weight_each_row_in_the_mean():
+    users = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    positives = torch.tensor([[1.0, 1.0], [0.5, 1.0]])
+    negatives = torch.tensor([[-1.0, 3.0]])
+    args = (users, torch.tensor([1, 2]), positives, torch.tensor([3]), negatives, plain_head())
+    row0 = -1 + math.log(math.exp(1) + math.exp(0.5) + math.exp(-1))
+    row1 = -2 + math.log(2 * math.exp(2) + math.exp(6))
+    weighted = sampled_softmax_loss(*args, row_weights=torch.tensor([0.25, 0.75]))
+    assert weighted.item() == pytest.approx(0.25 * row0 + 0.75 * row1, rel=1e-6)
+    equal = sampled_softmax_loss(*args, row_weights=torch.tensor([2.0, 2.0]))
+    torch.testing.assert_close(equal, sampled_softmax_loss(*args))
+    only_first = sampled_softmax_loss(*args, row_weights=torch.tensor([1.0, 0.0]))
+    assert only_first.item() == pytest.approx(row0, rel=1e-6)
+
+
 def test_positive_duplicates_and_history_items_are_not_negatives():
     users = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     positives = torch.tensor([[1.0, 1.0], [0.5, 1.0]])

@@ -17,6 +17,7 @@ from conftest import CONFIGS
 from mlflow import MlflowClient
 from test_pretrain_train import world  # noqa: F401  (the module-wide process group fixture)
 
+from finetune.batches import NextItemBatcher
 from finetune.config import ConfigError, load_finetune_config
 from finetune.item_content import ClipReading, build_clip_store, locate_clips
 from finetune.model import PAD_ID
@@ -168,6 +169,31 @@ def test_without_a_catalogue_items_are_known_by_id_and_cold_items_may_be_a_list(
     assert cache.video_mask[1:].sum() > 0 and not cache.text_mask.any()
     results = trainer.fit()
     assert math.isfinite(results["last_loss"]) and "content" in results["metrics"]["test"]
+
+
+def test_row_weights_follow_the_weight_column_into_the_loss(frozen_run, world):  # noqa: F811
+    trainer, _, _, _ = frozen_run
+    config = copy.deepcopy(trainer.config.loss)
+    config.row_weights = True
+    batcher = NextItemBatcher(trainer.data, config, trainer.config.data.max_history_length)
+    users = batcher.trainable_users()[:8]
+    batch = batcher.batch(users, trainer.items, torch.Generator().manual_seed(0),
+                          world.device, torch.zeros(0, dtype=torch.long))  # fmt: skip
+    data, width = trainer.data, trainer.config.data.max_history_length + 1
+    weight_of_row = dict(zip(data.row.tolist(), data.weight.tolist(), strict=True))
+    sequences = batcher.sequences
+    for slot, user in enumerate(users):
+        rows = sequences.rows[sequences.offsets[user] : sequences.offsets[user + 1]][-width:]
+        expected = [weight_of_row[row] for row in rows.tolist()]
+        assert batch.weights[slot, : len(expected)].tolist() == pytest.approx(expected)
+        assert not batch.weights[slot, len(expected) :].any()
+    assert len(set(data.weight.tolist())) > 1  # the synthetic log has varied watch ratios
+    module = trainer.engine.module
+    with torch.no_grad():
+        weighted = module(batch)["loss"]
+        batch.weights = None
+        plain = module(batch)["loss"]
+    assert torch.isfinite(weighted) and not torch.isclose(weighted, plain)
 
 
 def test_metrics_json_compares_models_on_warm_and_cold_targets(frozen_run):
