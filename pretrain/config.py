@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
+from data_shards.sources import DEFAULT_SOURCE, ShardSource, check_sources
 from pretrain.tracking import TrackingSettings
 
 
@@ -40,7 +41,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 return _coerce(value, option, where)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if errors else f"{where}: cannot be {value!r}")
+        # An error from inside an option (a field of a list item) says more than "expected
+        # text" from an option of another shape.
+        deeper = [error for error in errors if error.startswith((f"{where}[", f"{where}."))]
+        raise ConfigError((deeper or errors or [f"{where}: cannot be {value!r}"])[0])
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
@@ -203,8 +207,9 @@ class ModelSettings:
 
 @dataclass
 class DataSettings:
-    train_shards: str = ""
-    """Shard spec of the training set: directory, glob, brace pattern, URLs, pipe: commands."""
+    train_shards: str | list[ShardSource] = ""
+    """Shard spec of the training set (directory, glob, brace pattern, URLs, pipe: commands),
+    or a weighted mix: a list of ``{name, shards, weight}``, one per source."""
     eval_shards: str = ""
     """Held-out shards for retrieval evaluation ("" skips evaluation)."""
     max_text_length: int = 32
@@ -214,6 +219,19 @@ class DataSettings:
     eval_batch_size: int = 32
     eval_max_batches: int = 0
     """Cap on evaluation batches per rank (0: the whole held-out set)."""
+
+    def __post_init__(self):
+        if isinstance(self.train_shards, list):
+            try:
+                check_sources(self.train_shards)
+            except ValueError as err:
+                raise ConfigError(f"data.train_shards: {err}") from err
+
+    def train_sources(self) -> list[ShardSource]:
+        """The training sources; a plain spec is one source named ``DEFAULT_SOURCE``."""
+        if isinstance(self.train_shards, list):
+            return list(self.train_shards)
+        return [ShardSource(DEFAULT_SOURCE, self.train_shards)]
 
 
 @dataclass

@@ -19,10 +19,11 @@ import torch
 
 from data_shards.atomic import atomic_write_text
 from data_shards.reader import ReaderConfig, build_loader
+from data_shards.sources import ShardSource
 from data_shards.text import load_tokenizer, resolve_text_model_dir
 from pretrain import trainer
 from pretrain.config import PretrainConfig, deepspeed_config, model_width, resolve_precision
-from pretrain.distributed import World, all_gather_objects, init_distributed
+from pretrain.distributed import World, all_gather_objects, init_distributed, sum_over_ranks
 from pretrain.evaluate import evaluate_retrieval, format_retrieval
 from pretrain.flops import forward_flops, training_flops
 from pretrain.model import VideoTextModel
@@ -132,7 +133,7 @@ class Pretrainer(Trainer):
         if not config.data.train_shards:
             raise ValueError("data.train_shards is empty: nothing to train on")
         self.reader = build_loader(
-            self.reader_config(config.data.train_shards, "train"),
+            self.reader_config(config.data.train_sources(), "train"),
             rank=world.rank,
             world_size=world.world_size,
             tokenizer=self.tokenizer,
@@ -150,8 +151,9 @@ class Pretrainer(Trainer):
         self.flops_per_sample = training_flops(flops, config.model.activation_checkpointing)
         self.last_evaluation: dict[str, float] | None = None
 
-    def reader_config(self, shards: str | list[str], mode: str) -> ReaderConfig:
-        """The reader of ``shards`` (``mode`` train or eval; eval ignores shuffle and seed)."""
+    def reader_config(self, shards: str | list[ShardSource], mode: str) -> ReaderConfig:
+        """The reader of ``shards``, a spec or a weighted mix (``mode`` train or eval; eval
+        ignores shuffle and seed)."""
         data, video = self.config.data, self.model_config.video_config
         return ReaderConfig(
             shards=shards,
@@ -207,6 +209,10 @@ class Pretrainer(Trainer):
             "samples_per_second": averaged["clips_per_second_per_rank"] * self.world.world_size,
             "skipped_samples": self.reader.skipped_samples,
         }
+        # The blend actually trained on: samples delivered and skipped per source, all ranks.
+        per_source = {f"source/{name}/delivered": n for name, n in self.reader.delivered.items()}
+        per_source |= {f"source/{name}/skipped": n for name, n in self.reader.skipped.items()}
+        extra |= {k: round(v) for k, v in sum_over_ranks(per_source, self.world.device).items()}
         peak = _peak_device_flops(self.world.device)
         if peak:
             extra["mfu"] = self.flops_per_sample * averaged["clips_per_second_per_rank"] / peak
