@@ -216,11 +216,17 @@ class DataSettings:
     workers: int = 2
     """DataLoader workers per rank."""
     shuffle_buffer: int = 1000
+    pass_samples: int = 0
+    """Training samples per reader pass over all ranks (0: one endless pass). A resume passes
+    over the samples read since the pass began, so this bounds what a resume re-reads; each
+    pass restarts the workers and their shuffle buffers."""
     eval_batch_size: int = 32
     eval_max_batches: int = 0
     """Cap on evaluation batches per rank (0: the whole held-out set)."""
 
     def __post_init__(self):
+        if self.pass_samples < 0:
+            raise ConfigError(f"data.pass_samples must be >= 0, got {self.pass_samples}")
         if isinstance(self.train_shards, list):
             try:
                 check_sources(self.train_shards)

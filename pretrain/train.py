@@ -167,6 +167,7 @@ class Pretrainer(Trainer):
             shuffle_buffer=data.shuffle_buffer,
             seed=self.config.train.seed,
             max_text_length=data.max_text_length,
+            epoch_size=data.pass_samples or None,
         )
 
     def parameter_count(self) -> int:

@@ -327,3 +327,22 @@ def test_tiny_model_learns_retrieval_on_the_synthetic_data(
         results
     )
     assert results["train_t2v_r1"] >= 10 * 100 / 96, results
+
+
+def test_a_weighted_mix_trains_and_logs_what_each_source_delivered(
+    world: World, synthetic_shards, tmp_path
+):
+    """Two sources (the same shards, weights 3 : 1), short reader passes: every step logs the
+    samples each source has delivered so far, which add up to the samples trained on."""
+    train = synthetic_shards["train"]
+    mix = f"[{{name: most, shards: {train}, weight: 3}}, {{name: rest, shards: {train}}}]"
+    config = tiny(synthetic_shards, tmp_path, "train.steps=3", f"data.train_shards={mix}",
+                  "data.pass_samples=4")  # fmt: skip
+    summary = Pretrainer(config, world).fit()
+    for entry in summary["history"]:
+        delivered = entry["source/most/delivered"] + entry["source/rest/delivered"]
+        assert delivered == 4 * entry["step"]  # micro batch 4, one pass a step
+        assert entry["source/most/skipped"] == entry["source/rest/skipped"] == 0
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    logged = client.get_metric_history(mlflow_run(tmp_path).info.run_id, "source/most/delivered")
+    assert sorted(m.step for m in logged) == [1, 2, 3]
