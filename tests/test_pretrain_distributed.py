@@ -413,6 +413,10 @@ def test_mlflow_run_of_a_two_rank_job(reference):
     assert [value for _, value in loss] == pytest.approx(reference.series("loss"), rel=1e-6)
     for key in ("lr", "samples_per_second", "loss_contrastive", "grad_norm", "logit_scale"):
         assert len(history(key)) == STEPS, key
+    # the blend trained on, both ranks summed: 4 samples per rank and step
+    delivered = history("source/default/delivered")
+    assert delivered == [(step, 8.0 * step) for step in range(1, STEPS + 1)]
+    assert {value for _, value in history("source/default/skipped")} == {0.0}
     t2v = history("eval_t2v_r1")
     assert t2v == [(STEPS, pytest.approx(reference.summary["evaluation"]["t2v_r1"]))]
 
