@@ -730,16 +730,45 @@ class VideoTextLoader:
             "shard_errors": self.shard_errors,
         }
 
+    def _upgrade(self, state: dict[str, Any]) -> dict[str, Any]:
+        """A version-1 state (saved before exact resume, one source) in this version's terms.
+
+        Its training streams cannot be replayed: a train state goes on with the next pass.
+        Eval positions meant then what they mean now."""
+        first = self.sources[0]
+        upgraded = state | {
+            "version": _STATE_VERSION,
+            # a mix cannot take a one-source state: the comparison then names the field
+            "sources": {first.name: first.weight} if len(self.sources) == 1 else {},
+            "delivered": {first.name: 0},
+            "skipped": {first.name: state["skipped_samples"]},
+        }
+        if state["mode"] == "train":
+            logger.warning(
+                "reader state of version 1 (before exact resume): pass %d cannot be replayed, "
+                "going on with pass %d",
+                state["epoch"],
+                state["epoch"] + 1,
+            )
+            upgraded |= {
+                "epoch": state["epoch"] + 1,
+                "batches_in_epoch": 0,
+                "positions": [0] * self.workers_per_rank,
+            }
+        return upgraded
+
     def load_state_dict(self, state: dict[str, Any]):
         """Continue from ``state``; refuses one saved with another layout, naming the field.
 
         The positions are per slot (rank × worker), so another world size or worker count
         would replay or drop samples; other sources or weights another stream.
         """
+        if state.get("version") == 1:
+            state = self._upgrade(state)
         if state.get("version") != _STATE_VERSION:
             raise ValueError(
-                f"reader state version {state.get('version')} cannot be resumed exactly; "
-                f"this reader writes version {_STATE_VERSION}"
+                f"unknown reader state version {state.get('version')}; this reader writes "
+                f"version {_STATE_VERSION}"
             )
         here = self.state_dict()
         for field_name in ("mode", "seed", "rank", "world_size", "num_workers", "sources"):

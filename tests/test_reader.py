@@ -407,3 +407,20 @@ def test_eval_resume_delivers_the_rest_once(tmp_path, tokenizer, num_shards, per
     other = build_loader(config(tmp_path, batch_size=2, num_workers=1), tokenizer=tokenizer)
     with pytest.raises(ValueError):
         other.load_state_dict(state)
+
+
+def test_a_state_saved_before_exact_resume_is_taken_up(tmp_path, tokenizer):
+    """Version 1 (a ``restarts`` count, no sources): a train state goes on with the next
+    pass, since its stream cannot be replayed; eval positions still mean the same."""
+    write_shards(tmp_path, 2, 5)
+    train = config(tmp_path, mode="train", epoch_size=40)
+    old = {"version": 1, "mode": "train", "seed": 0, "rank": 0, "world_size": 1,
+           "num_workers": 0, "epoch": 2, "batches_in_epoch": 3, "restarts": 1,
+           "positions": [0], "skipped_samples": 4, "shard_errors": 1}  # fmt: skip
+    loader = build_loader(train, tokenizer=tokenizer)
+    loader.load_state_dict(old)
+    assert (loader.epoch, loader.batches_in_epoch, loader.skipped_samples) == (3, 0, 4)
+    assert len(list(loader)) == 10  # a whole pass
+    evaluation = build_loader(config(tmp_path), tokenizer=tokenizer)
+    evaluation.load_state_dict(old | {"mode": "eval", "epoch": 0, "positions": [6]})
+    assert keys_of(read_all(evaluation)) == [f"s{i:06d}" for i in range(6, 10)]
