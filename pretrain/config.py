@@ -210,8 +210,10 @@ class DataSettings:
     train_shards: str | list[ShardSource] = ""
     """Shard spec of the training set (directory, glob, brace pattern, URLs, pipe: commands),
     or a weighted mix: a list of ``{name, shards, weight}``, one per source."""
-    eval_shards: str = ""
-    """Held-out shards for retrieval evaluation ("" skips evaluation)."""
+    eval_shards: str | list[ShardSource] = ""
+    """Held-out shards for retrieval evaluation ("" skips evaluation), or a list of
+    ``{name, shards}``: each source evaluated on its own, its metrics logged as
+    ``eval_<name>/...`` (weights are ignored here)."""
     max_text_length: int = 32
     workers: int = 2
     """DataLoader workers per rank."""
@@ -227,11 +229,13 @@ class DataSettings:
     def __post_init__(self):
         if self.pass_samples < 0:
             raise ConfigError(f"data.pass_samples must be >= 0, got {self.pass_samples}")
-        if isinstance(self.train_shards, list):
-            try:
-                check_sources(self.train_shards)
-            except ValueError as err:
-                raise ConfigError(f"data.train_shards: {err}") from err
+        for name in ("train_shards", "eval_shards"):
+            sources = getattr(self, name)
+            if isinstance(sources, list):
+                try:
+                    check_sources(sources)
+                except ValueError as err:
+                    raise ConfigError(f"data.{name}: {err}") from err
 
     def train_sources(self) -> list[ShardSource]:
         """The training sources; a plain spec is one source named ``DEFAULT_SOURCE``."""

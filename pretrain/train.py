@@ -247,11 +247,32 @@ class Pretrainer(Trainer):
     # ----------------------------------------------------------------------------- evaluation
 
     def evaluate(self) -> dict[str, float] | None:
-        config, world = self.config, self.world
-        if not config.data.eval_shards:
+        """Retrieval on the held-out shards; with several named sources, on each of them,
+        its metrics named ``<source>/<metric>``."""
+        held_out = self.config.data.eval_shards
+        if not held_out:
             return None
+        if isinstance(held_out, list):
+            metrics = {}
+            for source in held_out:
+                found = self.evaluate_shards(source.shards, f"eval {source.name}")
+                metrics |= {f"{source.name}/{key}": value for key, value in found.items()}
+        else:
+            metrics = self.evaluate_shards(held_out, "eval")
+        if self.world.is_main:
+            step = self.state.step
+            self.tracker.log_metrics({f"eval_{k}": v for k, v in metrics.items()}, step)
+            path = self.output_dir / "eval" / f"step_{step:08d}.json"
+            atomic_write_text(path, json.dumps({"step": step, **metrics}, indent=2))
+            self.tracker.log_artifact(path, "eval")
+        self.last_evaluation = metrics
+        return metrics
+
+    def evaluate_shards(self, shards: str, label: str) -> dict[str, float]:
+        """Retrieval metrics over one held-out shard spec, each sample once across ranks."""
+        world = self.world
         loader = build_loader(
-            self.reader_config(config.data.eval_shards, "eval"),
+            self.reader_config(shards, "eval"),
             rank=world.rank,
             world_size=world.world_size,
             tokenizer=self.tokenizer,
@@ -261,16 +282,10 @@ class Pretrainer(Trainer):
             loader,
             device=world.device,
             gather=all_gather_objects,
-            max_batches=config.data.eval_max_batches or None,
+            max_batches=self.config.data.eval_max_batches or None,
         )
         if world.is_main:
-            step = self.state.step
-            log.info("step %d eval: %s", step, format_retrieval(metrics))
-            self.tracker.log_metrics({f"eval_{k}": v for k, v in metrics.items()}, step)
-            path = self.output_dir / "eval" / f"step_{step:08d}.json"
-            atomic_write_text(path, json.dumps({"step": step, **metrics}, indent=2))
-            self.tracker.log_artifact(path, "eval")
-        self.last_evaluation = metrics
+            log.info("step %d %s: %s", self.state.step, label, format_retrieval(metrics))
         return metrics
 
     def final_report(self) -> dict[str, Any]:
