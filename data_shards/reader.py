@@ -2,8 +2,9 @@
 
 The pipeline, one stage a line in ``build_pipeline``::
 
-    train  ResampledShards (with replacement, seeded per rank and worker)
-           → tar to samples (log, count, go on) → shuffle the still-encoded samples
+    train  per source: shards drawn with replacement (seeded per slot) → tar to samples
+           → one seeded weighted choice of source per sample → shuffle the still-encoded
+           samples → number them, skip those consumed before a resume
            → decode, T frames by segments, random resized crop, flip → batch + tokenize
     eval   SimpleShardList → split by rank and worker → tar to samples
            → decode, T frames uniformly, centre crop → batch + tokenize
@@ -25,33 +26,34 @@ in the pipeline reads torch.distributed or the environment, which is why webdata
   tar order, counted before decoding) has ``i % slots == s``. Each sample is still decoded
   and delivered exactly once; the tars are read ``slots`` times over, which is fine for the
   small sets where this happens.
-- train: every slot draws shards with replacement from the whole list from its own seed, so
-  no slot runs dry whatever the shard count. A pass is ``ceil(epoch_size / (batch_size ·
-  world_size))`` batches on every rank (the same count everywhere, so no rank waits on
-  another in a collective), or endless without ``epoch_size``.
+- train: every slot draws shards with replacement from each source's whole list from its
+  own seed, so no slot runs dry whatever the shard count, and picks each sample's source with
+  the sources' weights, so the mix follows the weights whatever the shard counts and sizes.
+  A pass is ``ceil(epoch_size / (batch_size · world_size))`` batches on every rank (the
+  same count everywhere, so no rank waits on another in a collective), or endless without
+  ``epoch_size``.
 - eval: ranks can get different numbers of batches; gather results after the loop, not in it.
 
 Corrupt data. A sample whose mp4 does not decode, whose json does not parse, or that has no
 mp4 is dropped and counted; a tar that cannot be read (truncated, missing, HTTP error) is
 logged and counted (one damaged tar can count twice), and the stream goes on with the next
 shard. A tar cut off exactly between two members just ends early: tar has no error to give.
-The counts travel inside the batches from the workers and add up in
-``loader.skipped_samples`` and ``loader.shard_errors``.
+The counts travel inside the batches from the workers and add up in ``loader.skipped``
+and ``loader.delivered`` (per source name), ``loader.skipped_samples`` and
+``loader.shard_errors``.
 In train mode a worker that meets ``STALL_LIMIT`` failures in a row without one good sample
 raises instead of spinning forever on unreadable data.
 
-Position. ``loader.state_dict()`` holds the seed, the pass index (``epoch``), the batches
-delivered in that pass, a ``restarts`` count and, in eval mode, how many samples each of the
-rank's slots has consumed. After ``load_state_dict``:
-
-- train: every random stream (shard draws, shuffle buffer, frame picks, crops, flips) is
-  seeded from (seed, epoch, restarts, slot), and a pass that starts part-way through an epoch
-  first adds one to ``restarts``. So the resumed job draws data it has not seen, rather than
-  replaying the stream from before the checkpoint, and two resumes from one state draw the
-  same batches. The pass runs for its remaining batches, so epochs stay aligned.
-- eval: each slot skips the samples it had consumed, before decoding them (cheap), and the
-  epoch ends with exactly the samples not yet delivered. World size and num_workers must be
-  those of the saved state.
+Position. ``loader.state_dict()`` (plain JSON) holds the seed, the layout, the sources and
+their weights, the pass index (``epoch``), the batches taken in that pass, and for each of
+the rank's workers how many samples (good or corrupt, counted before decoding) it had produced
+up to the last batch the main process took: prefetched batches do not count. Every random
+stream of a slot (shard draws, source choices, shuffle buffer) is seeded from (seed, epoch,
+slot), and a sample's frames, crop and flip from (seed, epoch, slot, its position). So after
+``load_state_dict`` each slot passes over the samples it had produced, without decoding
+them, and the rank yields exactly the batches an uninterrupted pass would have, in the same
+order (see ``Slots`` for the worker rotation that keeps the round-robin order). A state saved
+with another world size, worker count, mode, seed or mix is refused, naming the field.
 
 Workers are not persistent: each pass builds its pipeline with that pass's seeds and resume
 offsets in it, which a persistent worker would never see.
@@ -60,25 +62,21 @@ offsets in it, which a persistent worker would never see.
 from __future__ import annotations
 
 import functools
-import glob
 import json
 import logging
 import math
-import os
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import webdataset as wds
-from braceexpand import braceexpand
 from torch.utils.data import default_collate
 
-from data_shards.shard_set import is_local, list_shards
+from data_shards.sources import DEFAULT_SOURCE, ShardSource, check_sources, resolve_sources
 from data_shards.text import load_tokenizer
 from data_shards.video import VideoError, crop_resize_planar, decode_clip, upright_rgb
 
@@ -87,17 +85,18 @@ logger = logging.getLogger(__name__)
 STALL_LIMIT = 1000
 """Failures in a row (bad samples or unreadable shards) after which a train worker gives up."""
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 # Purposes mixed into derived seeds so that the streams of one slot are independent.
-_SHARDS, _SHUFFLE, _AUGMENT = 0, 1, 2
+_SHARDS, _SHUFFLE, _AUGMENT, _MIX = 0, 1, 2, 3
 
 
 @dataclass
 class ReaderConfig:
-    shards: str | list[str]
+    shards: str | list[str] | list[ShardSource]
     """Glob or brace pattern (``dir/{00000..00009}.tar``, ``dir/*.tar``), a directory (its
     ``index.json`` shard list, else its ``*.tar``), ``http(s)://`` URLs, ``pipe:`` commands,
-    or a list of any of these; ``::`` separates several in one string."""
+    or a list of any of these; ``::`` separates several in one string. Train mode also takes
+    a list of ``ShardSource``: a weighted mix."""
     mode: Literal["train", "eval"] = "train"
     """train: resampled shards, shuffling, random crops; eval: each sample once, centre crops."""
     num_frames: int = 16
@@ -141,37 +140,17 @@ class ReaderConfig:
             raise ValueError(f"crop_ratio must satisfy 0 < low <= high, got {self.crop_ratio}")
         if not 0 <= self.flip_prob <= 1:
             raise ValueError(f"flip_prob must be in [0, 1], got {self.flip_prob}")
+        if self.is_mix():
+            check_sources(self.shards)
+            if self.mode == "eval":
+                raise ValueError("eval reads one source at a time, not a mix")
 
+    def is_mix(self) -> bool:
+        return bool(self.shards) and isinstance(self.shards[0], ShardSource)
 
-# ---------------------------------------------------------------------------------------------
-# Shard lists
-
-
-def resolve_shards(spec: str | Sequence[str]) -> list[str]:
-    """Expand a shard spec to a list of URLs and paths webdataset can open, in a fixed order."""
-    items = spec.split("::") if isinstance(spec, str) else list(spec)
-    urls: list[str] = []
-    for item in items:
-        if not is_local(item):
-            urls.extend(braceexpand(item))
-        elif os.path.isdir(os.path.expanduser(item)):
-            # An empty directory among several adds nothing; no shards at all is refused below.
-            urls.extend(list_shards(Path(item).expanduser(), allow_empty=True))
-        else:
-            for pattern in braceexpand(os.path.expanduser(item)):
-                if any(char in pattern for char in "*?["):
-                    matches = sorted(glob.glob(pattern))
-                    if not matches:
-                        raise FileNotFoundError(f"no shards match {pattern}")
-                    urls.extend(matches)
-                else:
-                    urls.append(pattern)
-    missing = [url for url in urls if is_local(url) and not os.path.isfile(url)]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} shard(s) do not exist, e.g. {missing[0]}")
-    if not urls:
-        raise ValueError(f"no shards in {spec!r}")
-    return urls
+    def sources(self) -> list[ShardSource]:
+        """The weighted sources; a plain spec is one source, ``DEFAULT_SOURCE``."""
+        return list(self.shards) if self.is_mix() else [ShardSource(DEFAULT_SOURCE, self.shards)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,15 +276,34 @@ class ClipCropper:
 # Pipeline stages. They run inside DataLoader workers; each finds its slot there.
 
 
-def _slot(rank: int, world_size: int) -> tuple[int, int]:
-    """(this worker's slot, number of slots) over all ranks."""
-    info = torch.utils.data.get_worker_info()
-    worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-    return rank * num_workers + worker, world_size * num_workers
+@dataclass(frozen=True)
+class Slots:
+    """Where a worker sits among all readers: ``rank`` of ``world_size``, and by how many
+    places this pass rotates the rank's workers.
 
+    DataLoader worker k plays worker ``(k + rotation) % num_workers``: a pass resumed after b
+    batches starts at worker b mod num_workers, whose batch would have come next, so the
+    round-robin order of an uninterrupted pass is kept.
+    """
 
-def _slot_index(rank: int, world_size: int) -> int:
-    return _slot(rank, world_size)[0]
+    rank: int
+    world_size: int
+    rotation: int = 0
+
+    def here(self) -> tuple[int, int]:
+        """(this worker's slot, number of slots) over all ranks; call inside the worker."""
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker = (worker + self.rotation) % num_workers
+        return self.rank * num_workers + worker, self.world_size * num_workers
+
+    def index(self) -> int:
+        return self.here()[0]
+
+    def worker(self) -> int:
+        """This worker's place among its rank's workers (after rotation)."""
+        slot, slots = self.here()
+        return slot - self.rank * (slots // self.world_size)
 
 
 def _derive_seed(*parts: int) -> int:
@@ -316,9 +314,10 @@ def _derive_seed(*parts: int) -> int:
 class _Tally:
     """Failures one worker has met and not yet reported in a batch."""
 
-    def __init__(self, stall_limit: int | None):
+    def __init__(self, stall_limit: int | None, num_sources: int = 1):
         self.stall_limit = stall_limit
-        self.skipped_samples = 0
+        self.skipped_samples = [0] * num_sources
+        """Per source."""
         self.shard_errors = 0
         self.failures_in_a_row = 0
 
@@ -330,9 +329,10 @@ class _Tally:
                 "check the shard spec and the data"
             )
 
-    def take(self) -> tuple[int, int]:
+    def take(self) -> tuple[list[int], int]:
         counts = self.skipped_samples, self.shard_errors
-        self.skipped_samples = self.shard_errors = 0
+        self.skipped_samples = [0] * len(self.skipped_samples)
+        self.shard_errors = 0
         return counts
 
 
@@ -349,27 +349,66 @@ class _ShardErrorHandler:
         return True
 
 
-def _split_by_slot(shards: Iterator[dict], rank: int, world_size: int):
+def _split_by_slot(shards: Iterator[dict], slots: Slots):
     """Every slots-th shard for this slot, or all shards when there are fewer than slots."""
-    slot, slots = _slot(rank, world_size)
+    slot, count = slots.here()
     shards = list(shards)
-    if len(shards) >= slots:
-        yield from shards[slot::slots]
+    if len(shards) >= count:
+        yield from shards[slot::count]
     else:
         yield from shards
 
 
+def _resampled_shards(urls: Sequence[str], seed: int) -> Iterator[dict[str, str]]:
+    """Shards drawn with replacement, for ever, from a seeded stream."""
+    rng = random.Random(seed)
+    while True:
+        yield {"url": rng.choice(urls)}
+
+
+def mixed_samples(
+    source_shards: Sequence[Sequence[str]],
+    weights: Sequence[float],
+    seed: int,
+    slots: Slots,
+    handler,
+) -> Iterator[dict]:
+    """Still-encoded samples of several sources, each drawn with its weight (``__source__``).
+
+    Per slot, every source is its own resampled shard stream and one seeded choice per
+    sample picks the source: the same (seed, slot) gives the same stream, whatever the shard
+    counts and sizes.
+    """
+    slot = slots.index()
+    streams = [
+        iter(
+            wds.tarfile_to_samples(handler=handler)(
+                _resampled_shards(urls, _derive_seed(seed, slot, _SHARDS, source))
+            )
+        )
+        for source, urls in enumerate(source_shards)
+    ]
+    rng = random.Random(_derive_seed(seed, slot, _MIX))
+    choices = range(len(streams))
+    while True:
+        source = rng.choices(choices, weights=weights)[0]
+        sample = next(streams[source])
+        sample["__source__"] = source
+        yield sample
+
+
 def _number_samples(
-    samples: Iterator[dict], rank: int, world_size: int, num_shards: int, resume: Sequence[int]
+    samples: Iterator[dict], slots: Slots, resume: Sequence[int], stride_by_slot: bool
 ):
     """Number this slot's samples (``__position__``), striding and resuming before decoding.
 
-    With fewer shards than slots every slot sees every sample; keep every slots-th. Samples
-    before the slot's resume position were delivered before the checkpoint.
+    With ``stride_by_slot`` (eval with fewer shards than slots: every slot sees every
+    sample) keep every slots-th. Samples before the slot's resume position were delivered
+    before the checkpoint: they are passed over here, read but never decoded.
     """
-    slot, slots = _slot(rank, world_size)
-    stride = slots if num_shards < slots else 1
-    worker = slot - rank * (slots // world_size)
+    slot, count = slots.here()
+    stride = count if stride_by_slot else 1
+    worker = slots.worker()
     start = resume[worker] if worker < len(resume) else 0
     for index, sample in enumerate(samples):
         if index % stride != slot % stride:
@@ -381,48 +420,51 @@ def _number_samples(
         yield sample
 
 
-def _shuffle_in_slot(samples: Iterator[dict], bufsize: int, seed: int, rank: int, world_size: int):
+def _shuffle_in_slot(samples: Iterator[dict], bufsize: int, seed: int, slots: Slots):
     """webdataset's shuffle with a buffer RNG seeded for this slot."""
-    rng = random.Random(_derive_seed(seed, _slot_index(rank, world_size), _SHUFFLE))
+    rng = random.Random(_derive_seed(seed, slots.index(), _SHUFFLE))
     yield from wds.shuffle(bufsize, initial=min(bufsize, 100), rng=rng)(samples)
 
 
 class _ClipDecoder:
     """Sample → {video (T, C, H, W) uint8, text, key, item_id, meta}, or None if corrupt."""
 
-    def __init__(self, config: ReaderConfig, seed: int, rank: int, world_size: int, tally: _Tally):
-        self.config, self.seed, self.rank, self.world_size = config, seed, rank, world_size
+    def __init__(self, config: ReaderConfig, seed: int, slots: Slots, tally: _Tally):
+        self.config, self.seed, self.slots = config, seed, slots
         self.train = config.mode == "train"
         self.tally = tally
         self.slot: int | None = None
-        self.rng: random.Random | None = None
         self.end_position = 0
         """One past the position of the last sample seen, good or not."""
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any] | None:
-        if self.rng is None:
+        if self.slot is None:
             # First call, inside the worker: only now is the slot known.
-            self.slot = _slot_index(self.rank, self.world_size)
-            self.rng = random.Random(_derive_seed(self.seed, self.slot, _AUGMENT))
+            self.slot = self.slots.index()
         position = sample.get("__position__")
+        source = sample.get("__source__", 0)
         if position is not None:
             self.end_position = position + 1
+        # Seeded by the sample's place in the slot's stream, not by a running generator: a
+        # resumed pass that skips to a position draws the same frames, crop and flip.
+        rng = random.Random(_derive_seed(self.seed, self.slot, _AUGMENT, position or 0))
         try:
-            decoded = self._decode(sample)
+            decoded = self._decode(sample, rng)
         except (VideoError, ValueError, KeyError, TypeError) as err:
             logger.warning(
                 "skipping sample %s (%s): %s", sample.get("__key__"), sample.get("__url__"), err
             )
-            self.tally.skipped_samples += 1
+            self.tally.skipped_samples[source] += 1
             self.tally.failure()
             return None
         self.tally.failures_in_a_row = 0
         decoded["__slot__"] = self.slot
         decoded["__position__"] = position
+        decoded["__source__"] = source
         decoded["__tally__"] = self.tally.take()
         return decoded
 
-    def _decode(self, sample: dict[str, Any]) -> dict[str, Any]:
+    def _decode(self, sample: dict[str, Any], rng: random.Random) -> dict[str, Any]:
         config = self.config
         if "mp4" not in sample:
             raise KeyError("no mp4")
@@ -435,12 +477,10 @@ class _ClipDecoder:
         else:
             text = str(meta.get("caption") or "")
         if self.train:
-            select = functools.partial(
-                segment_frame_indices, num_frames=config.num_frames, rng=self.rng
-            )
+            select = functools.partial(segment_frame_indices, num_frames=config.num_frames, rng=rng)
         else:
             select = functools.partial(uniform_frame_indices, num_frames=config.num_frames)
-        cropper = ClipCropper(config, self.rng if self.train else None)
+        cropper = ClipCropper(config, rng if self.train else None)
         clip = torch.from_numpy(decode_clip(sample["mp4"], select=select, convert=cropper))
         item_id = meta.get("item_id")
         return {
@@ -450,6 +490,10 @@ class _ClipDecoder:
             "item_id": None if item_id is None else str(item_id),
             "meta": meta,
         }
+
+
+def _sum_skipped(tallies: Sequence[tuple[list[int], int]]) -> list[int]:
+    return [sum(column) for column in zip(*(skipped for skipped, _ in tallies), strict=True)]
 
 
 class _Collate:
@@ -468,6 +512,7 @@ class _Collate:
             return_tensors="pt",
         )
         positions = [sample["__position__"] for sample in samples]
+        tallies = [sample["__tally__"] for sample in samples]
         return {
             # default_collate stacks into shared memory inside a worker: no extra copy to hand
             # the batch to the main process.
@@ -481,8 +526,9 @@ class _Collate:
             "_reader": {
                 "slot": samples[0]["__slot__"],
                 "end_position": None if positions[0] is None else max(positions) + 1,
-                "skipped": sum(sample["__tally__"][0] for sample in samples),
-                "shard_errors": sum(sample["__tally__"][1] for sample in samples),
+                "sources": [sample["__source__"] for sample in samples],
+                "skipped": _sum_skipped(tallies),
+                "shard_errors": sum(shard_errors for _, shard_errors in tallies),
             },
         }
 
@@ -491,18 +537,19 @@ def _report_leftovers(batches: Iterator[dict], decoder: _ClipDecoder, tally: _Ta
     """Pass batches on, then report failures met after the last batch in a video-less batch."""
     yield from batches
     skipped, shard_errors = tally.take()
-    if skipped or shard_errors:
+    if any(skipped) or shard_errors:
         yield {
             "_reader": {
                 "slot": decoder.slot,
                 "end_position": decoder.end_position,
+                "sources": [],
                 "skipped": skipped,
                 "shard_errors": shard_errors,
             }
         }
 
 
-# Curried stages: ``split_by_slot(rank, world_size)`` is a pipeline stage, as in webdataset.
+# Curried stages: ``split_by_slot(slots)`` is a pipeline stage, as in webdataset.
 split_by_slot = wds.pipelinefilter(_split_by_slot)
 number_samples = wds.pipelinefilter(_number_samples)
 shuffle_in_slot = wds.pipelinefilter(_shuffle_in_slot)
@@ -511,40 +558,41 @@ report_leftovers = wds.pipelinefilter(_report_leftovers)
 
 def build_pipeline(
     config: ReaderConfig,
-    shards: list[str],
+    source_shards: Sequence[Sequence[str]],
     tokenizer,
     *,
-    rank: int = 0,
-    world_size: int = 1,
+    slots: Slots,
     epoch: int = 0,
-    restarts: int = 0,
     resume: Sequence[int] = (),
     batches_per_worker: int | None = None,
 ) -> wds.DataPipeline:
     """The per-worker pipeline for one pass, yielding collated batches.
 
-    ``resume[w]`` is how many samples worker w of this rank already delivered (eval).
+    ``source_shards`` holds the shard list of each of ``config.sources()`` (eval: one).
+    ``resume[w]`` is how many samples worker w of this rank already consumed in this pass.
     Batches also carry a ``_reader`` dict of bookkeeping that ``VideoTextLoader`` removes.
     """
     train = config.mode == "train"
-    seed = _derive_seed(config.seed, epoch, restarts)
-    tally = _Tally(stall_limit=STALL_LIMIT if train else None)
+    seed = _derive_seed(config.seed, epoch)
+    tally = _Tally(STALL_LIMIT if train else None, len(source_shards))
     handler = _ShardErrorHandler(tally)
-    decoder = _ClipDecoder(config, seed, rank, world_size, tally)
+    decoder = _ClipDecoder(config, seed, slots, tally)
     collate = _Collate(tokenizer, config.max_text_length)
-    slot_index = functools.partial(_slot_index, rank, world_size)
     if train:
+        weights = [source.weight for source in config.sources()]
         stages = [
-            wds.ResampledShards(shards, seed=seed, worker_seed=slot_index, deterministic=True),
-            wds.tarfile_to_samples(handler=handler),
-            shuffle_in_slot(config.shuffle_buffer, seed, rank, world_size),
+            functools.partial(mixed_samples, source_shards, weights, seed, slots, handler),
+            shuffle_in_slot(config.shuffle_buffer, seed, slots),
+            number_samples(slots, list(resume), stride_by_slot=False),
         ]
     else:
+        (shards,) = source_shards
+        slots_total = slots.world_size * max(1, config.num_workers)
         stages = [
             wds.SimpleShardList(shards),
-            split_by_slot(rank, world_size),
+            split_by_slot(slots),
             wds.tarfile_to_samples(handler=handler),
-            number_samples(rank, world_size, len(shards), list(resume)),
+            number_samples(slots, list(resume), stride_by_slot=len(shards) < slots_total),
         ]
     stages += [
         wds.map(decoder),
@@ -562,13 +610,14 @@ def build_pipeline(
 
 
 class VideoTextLoader:
-    """Iterates batches for one rank, a pass at a time; counts failures; saves its position."""
+    """Iterates batches for one rank, a pass at a time; counts samples; saves its position."""
 
     def __init__(self, config: ReaderConfig, rank: int = 0, world_size: int = 1, tokenizer=None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.config, self.rank, self.world_size = config, rank, world_size
-        self.shards = resolve_shards(config.shards)
+        self.sources = config.sources()
+        self.source_shards = resolve_sources(self.sources)
         self.tokenizer = (
             tokenizer if tokenizer is not None else load_tokenizer(config.tokenizer_dir)
         )
@@ -581,49 +630,64 @@ class VideoTextLoader:
         self.epoch = 0
         """Index of the pass under way, or next to start."""
         self.batches_in_epoch = 0
-        self.restarts = 0
         self.positions = [0] * self.workers_per_rank
-        """Eval: samples each worker of this rank has delivered in the current pass."""
-        self.skipped_samples = 0
+        """Samples (good or corrupt, counted before decoding) each worker of this rank has
+        consumed in the current pass, up to the last batch this process took."""
+        self.delivered = dict.fromkeys((source.name for source in self.sources), 0)
+        """Samples delivered in batches, per source name."""
+        self.skipped = dict.fromkeys((source.name for source in self.sources), 0)
+        """Corrupt samples passed over, per source name."""
         self.shard_errors = 0
         logger.info(
-            "reader rank %d/%d: %d shards, mode %s, %d workers",
+            "reader rank %d/%d: %s, mode %s, %d workers",
             rank,
             world_size,
-            len(self.shards),
+            ", ".join(
+                f"{source.name} ({len(shards)} shards, weight {source.weight:g})"
+                for source, shards in zip(self.sources, self.source_shards, strict=True)
+            ),
             config.mode,
             config.num_workers,
         )
 
+    @property
+    def shards(self) -> list[str]:
+        """Every shard of every source."""
+        return [url for shards in self.source_shards for url in shards]
+
+    @property
+    def skipped_samples(self) -> int:
+        return sum(self.skipped.values())
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         config = self.config
-        if self.train and self.batches_in_epoch > 0:
-            # Resuming inside a pass: fresh random streams, never a replay of what was seen.
-            self.restarts += 1
         remaining = None
         batches_per_worker = None
         if self.num_batches is not None:
             remaining = self.num_batches - self.batches_in_epoch
             batches_per_worker = math.ceil(remaining / self.workers_per_rank)
+        slots = Slots(self.rank, self.world_size, self.batches_in_epoch % self.workers_per_rank)
         dataset = build_pipeline(
             config,
-            self.shards,
+            self.source_shards,
             self.tokenizer,
-            rank=self.rank,
-            world_size=self.world_size,
+            slots=slots,
             epoch=self.epoch,
-            restarts=self.restarts,
-            resume=self.positions if not self.train else (),
+            resume=self.positions,
             batches_per_worker=batches_per_worker,
         )
         loader = wds.WebLoader(
             dataset, batch_size=None, num_workers=config.num_workers, persistent_workers=False
         )
+        names = [source.name for source in self.sources]
         delivered = 0
         if remaining is None or remaining > 0:
             for batch in loader:
                 bookkeeping = batch.pop("_reader")
-                self.skipped_samples += bookkeeping["skipped"]
+                for name, skipped in zip(names, bookkeeping["skipped"], strict=True):
+                    self.skipped[name] += skipped
+                for source in bookkeeping["sources"]:
+                    self.delivered[names[source]] += 1
                 self.shard_errors += bookkeeping["shard_errors"]
                 if bookkeeping["end_position"] is not None:
                     worker = bookkeeping["slot"] - self.rank * self.workers_per_rank
@@ -648,7 +712,7 @@ class VideoTextLoader:
         self.positions = [0] * self.workers_per_rank
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain ints and lists (JSON and torch.save both take it); one per rank."""
+        """Plain ints, lists and dicts (JSON and torch.save both take it); one per rank."""
         return {
             "version": _STATE_VERSION,
             "mode": self.config.mode,
@@ -656,34 +720,68 @@ class VideoTextLoader:
             "rank": self.rank,
             "world_size": self.world_size,
             "num_workers": self.config.num_workers,
+            "sources": {source.name: source.weight for source in self.sources},
             "epoch": self.epoch,
             "batches_in_epoch": self.batches_in_epoch,
-            "restarts": self.restarts,
             "positions": list(self.positions),
+            "delivered": dict(self.delivered),
+            "skipped": dict(self.skipped),
             "skipped_samples": self.skipped_samples,
             "shard_errors": self.shard_errors,
         }
 
+    def _upgrade(self, state: dict[str, Any]) -> dict[str, Any]:
+        """A version-1 state (saved before exact resume, one source) in this version's terms.
+
+        Its training streams cannot be replayed: a train state goes on with the next pass.
+        Eval positions meant then what they mean now."""
+        first = self.sources[0]
+        upgraded = state | {
+            "version": _STATE_VERSION,
+            # a mix cannot take a one-source state: the comparison then names the field
+            "sources": {first.name: first.weight} if len(self.sources) == 1 else {},
+            "delivered": {first.name: 0},
+            "skipped": {first.name: state["skipped_samples"]},
+        }
+        if state["mode"] == "train":
+            logger.warning(
+                "reader state of version 1 (before exact resume): pass %d cannot be replayed, "
+                "going on with pass %d",
+                state["epoch"],
+                state["epoch"] + 1,
+            )
+            upgraded |= {
+                "epoch": state["epoch"] + 1,
+                "batches_in_epoch": 0,
+                "positions": [0] * self.workers_per_rank,
+            }
+        return upgraded
+
     def load_state_dict(self, state: dict[str, Any]):
+        """Continue from ``state``; refuses one saved with another layout, naming the field.
+
+        The positions are per slot (rank × worker), so another world size or worker count
+        would replay or drop samples; other sources or weights another stream.
+        """
+        if state.get("version") == 1:
+            state = self._upgrade(state)
         if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"unknown reader state version {state.get('version')}")
-        if state["mode"] != self.config.mode or state["seed"] != self.config.seed:
             raise ValueError(
-                f"state is for mode {state['mode']!r} seed {state['seed']}, this loader is "
-                f"mode {self.config.mode!r} seed {self.config.seed}"
+                f"unknown reader state version {state.get('version')}; this reader writes "
+                f"version {_STATE_VERSION}"
             )
-        layout = (state["rank"], state["world_size"], state["num_workers"])
-        if not self.train and layout != (self.rank, self.world_size, self.config.num_workers):
-            # Sample positions are per slot; another layout would deliver samples twice or never.
-            raise ValueError(
-                f"eval state was saved with (rank, world_size, num_workers) = {layout}, this "
-                f"loader has {(self.rank, self.world_size, self.config.num_workers)}"
-            )
+        here = self.state_dict()
+        for field_name in ("mode", "seed", "rank", "world_size", "num_workers", "sources"):
+            if state[field_name] != here[field_name]:
+                raise ValueError(
+                    f"reader state field {field_name!r} was {state[field_name]!r} when saved, "
+                    f"this reader has {here[field_name]!r}: resuming needs the same"
+                )
         self.epoch = state["epoch"]
         self.batches_in_epoch = state["batches_in_epoch"]
-        self.restarts = state["restarts"]
-        self.positions = list(state["positions"]) if not self.train else [0] * self.workers_per_rank
-        self.skipped_samples = state["skipped_samples"]
+        self.positions = list(state["positions"])
+        self.delivered = dict(state["delivered"])
+        self.skipped = dict(state["skipped"])
         self.shard_errors = state["shard_errors"]
 
 

@@ -159,6 +159,10 @@ def save(
     return tag
 
 
+CHECKPOINT_FLUSH_TIMEOUT_S = 30.0
+"""How long a checkpoint waits for MLflow to receive the metrics logged before it."""
+
+
 def save_training(
     engine, output_dir, state, generator, tracker, world: World, resolved_config, keep_last: int
 ) -> str:
@@ -167,7 +171,12 @@ def save_training(
 
     The tracker creates its run in the background: when that outlasted ``start()``'s wait (a
     slow store, a server down at start), the id is known only now. Without it here a resumed
-    job would start a second MLflow run."""
+    job would start a second MLflow run.
+
+    The metrics logged so far are delivered first (a bounded wait), so that a job killed
+    after this checkpoint and resumed from it leaves no gap in the run's history."""
+    if not tracker.flush(timeout=CHECKPOINT_FLUSH_TIMEOUT_S):
+        log.warning("checkpoint at step %d: MLflow has not received every metric yet", state.step)
     state.tracking_run_id = broadcast_object(tracker.run_id) or state.tracking_run_id
     trainer_state = {"train_state": vars(state) | {}, "rng": rng_state(generator)}
     return save(engine, output_dir, state.step, world, trainer_state, resolved_config, keep_last)

@@ -59,6 +59,14 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps({"config": to_dict(config), "deepspeed": ds_config}, indent=2))
         print(f"parameters: {parameters:,}")
         return 0
+    from data_shards.sources import resolve_sources
+
+    try:
+        if config.data.train_shards:  # (an empty spec is refused by the trainer)
+            resolve_sources(config.data.train_sources())
+    except (FileNotFoundError, ValueError) as err:
+        print(f"vidrec pretrain: data.train_shards: {err}", file=sys.stderr)
+        return 2
     from pretrain.train import run
 
     summary = run(config)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
+from data_shards.sources import DEFAULT_SOURCE, ShardSource, check_sources
 from pretrain.tracking import TrackingSettings
 
 
@@ -41,7 +42,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 return _coerce(value, option, where)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if errors else f"{where}: cannot be {value!r}")
+        # An error from inside an option (a field of a list item) says more than "expected
+        # text" from an option of another shape.
+        deeper = [error for error in errors if error.startswith((f"{where}[", f"{where}."))]
+        raise ConfigError((deeper or errors or [f"{where}: cannot be {value!r}"])[0])
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
@@ -231,17 +235,41 @@ class ModelSettings:
 
 @dataclass
 class DataSettings:
-    train_shards: str = ""
-    """Shard spec of the training set: directory, glob, brace pattern, URLs, pipe: commands."""
-    eval_shards: str = ""
-    """Held-out shards for retrieval evaluation ("" skips evaluation)."""
+    train_shards: str | list[ShardSource] = ""
+    """Shard spec of the training set (directory, glob, brace pattern, URLs, pipe: commands),
+    or a weighted mix: a list of ``{name, shards, weight}``, one per source."""
+    eval_shards: str | list[ShardSource] = ""
+    """Held-out shards for retrieval evaluation ("" skips evaluation), or a list of
+    ``{name, shards}``: each source evaluated on its own, its metrics logged as
+    ``eval_<name>/...`` (weights are ignored here)."""
     max_text_length: int = 32
     workers: int = 2
     """DataLoader workers per rank."""
     shuffle_buffer: int = 1000
+    pass_samples: int = 0
+    """Training samples per reader pass over all ranks (0: one endless pass). A resume passes
+    over the samples read since the pass began, so this bounds what a resume re-reads; each
+    pass restarts the workers and their shuffle buffers."""
     eval_batch_size: int = 32
     eval_max_batches: int = 0
     """Cap on evaluation batches per rank (0: the whole held-out set)."""
+
+    def __post_init__(self):
+        if self.pass_samples < 0:
+            raise ConfigError(f"data.pass_samples must be >= 0, got {self.pass_samples}")
+        for name in ("train_shards", "eval_shards"):
+            sources = getattr(self, name)
+            if isinstance(sources, list):
+                try:
+                    check_sources(sources)
+                except ValueError as err:
+                    raise ConfigError(f"data.{name}: {err}") from err
+
+    def train_sources(self) -> list[ShardSource]:
+        """The training sources; a plain spec is one source named ``DEFAULT_SOURCE``."""
+        if isinstance(self.train_shards, list):
+            return list(self.train_shards)
+        return [ShardSource(DEFAULT_SOURCE, self.train_shards)]
 
 
 @dataclass

@@ -123,15 +123,20 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(value.item())
 
 
-def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Average of each value over ranks (one all-reduce for all of them)."""
+def sum_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Sum of each value over ranks (one all-reduce for all of them)."""
     if not values or not dist.is_initialized() or dist.get_world_size() == 1:
         return dict(values)
     keys = sorted(values)
     tensor = torch.tensor([float(values[k]) for k in keys], device=device, dtype=torch.float64)
     dist.all_reduce(tensor)
-    tensor /= dist.get_world_size()
     return dict(zip(keys, tensor.tolist(), strict=True))
+
+
+def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Average of each value over ranks (one all-reduce for all of them)."""
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    return {key: value / world_size for key, value in sum_over_ranks(values, device).items()}
 
 
 def broadcast_object(obj: Any) -> Any:

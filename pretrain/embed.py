@@ -33,8 +33,9 @@ from typing import Any
 import torch
 
 from data_shards.atomic import atomic_write_bytes, atomic_write_text
-from data_shards.reader import ReaderConfig, build_loader, resolve_shards
+from data_shards.reader import ReaderConfig, build_loader
 from data_shards.shard_set import read_index
+from data_shards.sources import resolve_shards
 from pretrain.export import ExportedModel, load_export
 
 log = logging.getLogger(__name__)

@@ -19,10 +19,11 @@ import torch
 
 from data_shards.atomic import atomic_write_text
 from data_shards.reader import ReaderConfig, build_loader
+from data_shards.sources import ShardSource
 from data_shards.text import load_tokenizer, resolve_text_model_dir
 from pretrain import trainer
 from pretrain.config import PretrainConfig, deepspeed_config, model_width, resolve_precision
-from pretrain.distributed import World, all_gather_objects, init_distributed
+from pretrain.distributed import World, all_gather_objects, init_distributed, sum_over_ranks
 from pretrain.evaluate import evaluate_retrieval, format_retrieval
 from pretrain.flops import forward_flops, training_flops
 from pretrain.model import VideoTextModel
@@ -132,7 +133,7 @@ class Pretrainer(Trainer):
         if not config.data.train_shards:
             raise ValueError("data.train_shards is empty: nothing to train on")
         self.reader = build_loader(
-            self.reader_config(config.data.train_shards, "train"),
+            self.reader_config(config.data.train_sources(), "train"),
             rank=world.rank,
             world_size=world.world_size,
             tokenizer=self.tokenizer,
@@ -150,8 +151,9 @@ class Pretrainer(Trainer):
         self.flops_per_sample = training_flops(flops, config.model.activation_checkpointing)
         self.last_evaluation: dict[str, float] | None = None
 
-    def reader_config(self, shards: str | list[str], mode: str) -> ReaderConfig:
-        """The reader of ``shards`` (``mode`` train or eval; eval ignores shuffle and seed)."""
+    def reader_config(self, shards: str | list[ShardSource], mode: str) -> ReaderConfig:
+        """The reader of ``shards``, a spec or a weighted mix (``mode`` train or eval; eval
+        ignores shuffle and seed)."""
         data, video = self.config.data, self.model_config.video_config
         return ReaderConfig(
             shards=shards,
@@ -165,6 +167,7 @@ class Pretrainer(Trainer):
             shuffle_buffer=data.shuffle_buffer,
             seed=self.config.train.seed,
             max_text_length=data.max_text_length,
+            epoch_size=data.pass_samples or None,
         )
 
     def parameter_count(self) -> int:
@@ -207,6 +210,10 @@ class Pretrainer(Trainer):
             "samples_per_second": averaged["clips_per_second_per_rank"] * self.world.world_size,
             "skipped_samples": self.reader.skipped_samples,
         }
+        # The blend actually trained on: samples delivered and skipped per source, all ranks.
+        per_source = {f"source/{name}/delivered": n for name, n in self.reader.delivered.items()}
+        per_source |= {f"source/{name}/skipped": n for name, n in self.reader.skipped.items()}
+        extra |= {k: round(v) for k, v in sum_over_ranks(per_source, self.world.device).items()}
         peak = _peak_device_flops(self.world.device)
         if peak:
             extra["mfu"] = self.flops_per_sample * averaged["clips_per_second_per_rank"] / peak
@@ -240,11 +247,32 @@ class Pretrainer(Trainer):
     # ----------------------------------------------------------------------------- evaluation
 
     def evaluate(self) -> dict[str, float] | None:
-        config, world = self.config, self.world
-        if not config.data.eval_shards:
+        """Retrieval on the held-out shards; with several named sources, on each of them,
+        its metrics named ``<source>/<metric>``."""
+        held_out = self.config.data.eval_shards
+        if not held_out:
             return None
+        if isinstance(held_out, list):
+            metrics = {}
+            for source in held_out:
+                found = self.evaluate_shards(source.shards, f"eval {source.name}")
+                metrics |= {f"{source.name}/{key}": value for key, value in found.items()}
+        else:
+            metrics = self.evaluate_shards(held_out, "eval")
+        if self.world.is_main:
+            step = self.state.step
+            self.tracker.log_metrics({f"eval_{k}": v for k, v in metrics.items()}, step)
+            path = self.output_dir / "eval" / f"step_{step:08d}.json"
+            atomic_write_text(path, json.dumps({"step": step, **metrics}, indent=2))
+            self.tracker.log_artifact(path, "eval")
+        self.last_evaluation = metrics
+        return metrics
+
+    def evaluate_shards(self, shards: str, label: str) -> dict[str, float]:
+        """Retrieval metrics over one held-out shard spec, each sample once across ranks."""
+        world = self.world
         loader = build_loader(
-            self.reader_config(config.data.eval_shards, "eval"),
+            self.reader_config(shards, "eval"),
             rank=world.rank,
             world_size=world.world_size,
             tokenizer=self.tokenizer,
@@ -254,16 +282,10 @@ class Pretrainer(Trainer):
             loader,
             device=world.device,
             gather=all_gather_objects,
-            max_batches=config.data.eval_max_batches or None,
+            max_batches=self.config.data.eval_max_batches or None,
         )
         if world.is_main:
-            step = self.state.step
-            log.info("step %d eval: %s", step, format_retrieval(metrics))
-            self.tracker.log_metrics({f"eval_{k}": v for k, v in metrics.items()}, step)
-            path = self.output_dir / "eval" / f"step_{step:08d}.json"
-            atomic_write_text(path, json.dumps({"step": step, **metrics}, indent=2))
-            self.tracker.log_artifact(path, "eval")
-        self.last_evaluation = metrics
+            log.info("step %d %s: %s", self.state.step, label, format_retrieval(metrics))
         return metrics
 
     def final_report(self) -> dict[str, Any]:

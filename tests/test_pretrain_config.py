@@ -124,3 +124,45 @@ def test_an_accelerate_config_sets_the_zero_stage_and_a_contradicting_set_is_ref
     assert launcher_overrides({}, ["parallel.zero_stage=1"]) == ["parallel.zero_stage=1"]
     with pytest.raises(ConfigError, match=r"parallel\.zero_stage=1 contradicts .*zero_stage=3"):
         launcher_overrides(environ, ["parallel.zero_stage=1"])
+
+
+def test_train_shards_take_one_spec_or_a_weighted_list_of_sources(tmp_path):
+    plain = load_pretrain_config(CONFIGS / "tiny.yaml", ["data.train_shards=/data/a"])
+    assert [(s.name, s.shards, s.weight) for s in plain.data.train_sources()] == [
+        ("default", "/data/a", 1.0)
+    ]
+    mix = "[{name: own, shards: /data/own, weight: 0.7}, {name: v2d, shards: 's3/{0..9}.tar'}]"
+    config = load_pretrain_config(CONFIGS / "tiny.yaml", [f"data.train_shards={mix}"])
+    assert [(s.name, s.shards, s.weight) for s in config.data.train_sources()] == [
+        ("own", "/data/own", 0.7),
+        ("v2d", "s3/{0..9}.tar", 1.0),
+    ]
+    assert to_dict(config)["data"]["train_shards"][0] == {
+        "name": "own", "shards": "/data/own", "weight": 0.7
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("mix", "message"),
+    [
+        ("[{name: a, shards: x, weight: -1}]", "source 'a': weight must be finite and >= 0"),
+        ("[{name: a, shards: x, weight: 0}, {name: b, shards: y, weight: 0}]",
+         "every source has weight 0: a, b"),
+        ("[{name: a, shards: x, weight: lots}]", r"train_shards\[0\].weight: expected a number"),
+        ("[{name: a, shards: x}, {name: a, shards: y}]", "source 'a' is named twice"),
+    ],
+)  # fmt: skip
+def test_bad_sources_are_refused_naming_the_source(mix, message):
+    with pytest.raises(ConfigError, match=message):
+        load_pretrain_config(CONFIGS / "tiny.yaml", [f"data.train_shards={mix}"])
+
+
+def test_a_source_without_shards_stops_the_job_before_training(tmp_path, capsys):
+    from vidrec_cli import main
+
+    (tmp_path / "own").mkdir()
+    mix = f"[{{name: own, shards: {tmp_path}/own/*.tar}}]"
+    code = main(["pretrain", "--config", str(CONFIGS / "tiny.yaml"),
+                 "--set", f"data.train_shards={mix}"])  # fmt: skip
+    assert code == 2
+    assert "source 'own': no shards match" in capsys.readouterr().err

@@ -327,3 +327,29 @@ def test_tiny_model_learns_retrieval_on_the_synthetic_data(
         results
     )
     assert results["train_t2v_r1"] >= 10 * 100 / 96, results
+
+
+def test_a_weighted_mix_trains_and_logs_what_each_source_delivered(
+    world: World, synthetic_shards, tmp_path
+):
+    """Two sources (the same shards, weights 3 : 1), short reader passes: every step logs the
+    samples each source has delivered so far, which add up to the samples trained on. Two
+    held-out sources (the same shards, so the same figures) are evaluated one by one."""
+    train, held_out = synthetic_shards["train"], synthetic_shards["eval"]
+    mix = f"[{{name: most, shards: {train}, weight: 3}}, {{name: rest, shards: {train}}}]"
+    evals = f"[{{name: web, shards: {held_out}}}, {{name: own, shards: {held_out}}}]"
+    config = tiny(synthetic_shards, tmp_path, "train.steps=3", f"data.train_shards={mix}",
+                  "data.pass_samples=4", f"data.eval_shards={evals}")  # fmt: skip
+    summary = Pretrainer(config, world).fit()
+    evaluation = summary["evaluation"]
+    assert evaluation["web/num_samples"] == evaluation["own/num_samples"] == 32
+    assert evaluation["web/t2v_r1"] == evaluation["own/t2v_r1"]
+    for entry in summary["history"]:
+        delivered = entry["source/most/delivered"] + entry["source/rest/delivered"]
+        assert delivered == 4 * entry["step"]  # micro batch 4, one pass a step
+        assert entry["source/most/skipped"] == entry["source/rest/skipped"] == 0
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    logged = client.get_metric_history(mlflow_run(tmp_path).info.run_id, "source/most/delivered")
+    assert sorted(m.step for m in logged) == [1, 2, 3]
+    logged = client.get_metric_history(mlflow_run(tmp_path).info.run_id, "eval_own/t2v_r1")
+    assert [m.step for m in logged] == [3]

@@ -10,6 +10,7 @@ import signal
 import tarfile
 import threading
 from contextlib import contextmanager
+from dataclasses import replace
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -29,10 +30,10 @@ from data_shards.reader import (
     build_loader,
     center_crop,
     random_resized_crop,
-    resolve_shards,
     segment_frame_indices,
     uniform_frame_indices,
 )
+from data_shards.sources import resolve_shards
 from data_shards.text import load_tokenizer
 
 SIZE, FRAMES = 32, 4
@@ -347,36 +348,44 @@ def test_reads_from_pipe(tmp_path, tokenizer):
     assert keys == written.keys
 
 
-def test_train_resume_draws_new_data_deterministically(tmp_path, tokenizer):
-    write_shards(tmp_path, 3, 5)
-    cfg = config(tmp_path, mode="train", num_workers=2, epoch_size=40)
-    first = build_loader(cfg, tokenizer=tokenizer)
-    assert first.num_batches == 10
-    seen = [(b["key"], b["video"]) for b in itertools.islice(first, 3)]
-    state = json.loads(json.dumps(first.state_dict()))  # plain data
-    assert state["batches_in_epoch"] == 3
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_train_resume_replays_the_uninterrupted_stream(tmp_path, tokenizer, num_workers):
+    """Stopped after b batches (any b, so any worker's turn) and resumed from the saved state,
+    the loader yields the very batches, videos included, that the straight pass yields after
+    b, through the end of the pass and into the next; corrupt samples are counted once."""
+    write_shards(tmp_path, 3, 5, corrupt_every=7)
+    cfg = config(tmp_path, mode="train", num_workers=num_workers, epoch_size=40)
 
-    def resume():
-        loader = build_loader(cfg, tokenizer=tokenizer)
-        loader.load_state_dict(state)
-        batches = [(b["key"], b["video"]) for b in loader]
-        return loader, batches
+    def batches(loader, count):
+        taken = []
+        while len(taken) < count:  # passes after passes, as the trainer reads
+            for batch in loader:
+                taken.append((batch["key"], batch["video"]))
+                if len(taken) == count:
+                    break
+        return taken
 
-    resumed, after = resume()
-    _, again = resume()
-    assert len(after) == 10 - 3  # the pass ends where it would have
-    assert resumed.epoch == 1 and resumed.batches_in_epoch == 0
-    for (keys_a, video_a), (keys_b, video_b) in zip(after, again, strict=True):
-        assert keys_a == keys_b and torch.equal(video_a, video_b)
-    for (keys_a, video_a), (keys_b, video_b) in zip(after[:3], seen, strict=True):
-        assert keys_a != keys_b or not torch.equal(video_a, video_b)
-    # Without the saved state a new loader replays the start: the restore is what moves on.
-    replay = [
-        (b["key"], b["video"]) for b in itertools.islice(build_loader(cfg, tokenizer=tokenizer), 3)
-    ]
-    assert all(
-        ka == kb and torch.equal(va, vb) for (ka, va), (kb, vb) in zip(replay, seen, strict=True)
-    )
+    straight_loader = build_loader(cfg, tokenizer=tokenizer)
+    straight = batches(straight_loader, 14)  # 10 batches a pass: into the second one
+    for stop in (4, 5):
+        first = build_loader(cfg, tokenizer=tokenizer)
+        batches(first, stop)
+        state = json.loads(json.dumps(first.state_dict()))  # plain data
+        assert state["batches_in_epoch"] == stop
+        resumed = build_loader(cfg, tokenizer=tokenizer)
+        resumed.load_state_dict(state)
+        after = batches(resumed, 14 - stop)
+        for (keys_a, video_a), (keys_b, video_b) in zip(after, straight[stop:], strict=True):
+            assert keys_a == keys_b and torch.equal(video_a, video_b)
+    # 15 samples with 2 corrupt; each met once whatever the interruption
+    assert resumed.skipped == straight_loader.skipped
+    assert resumed.delivered == straight_loader.delivered == {"default": 14 * 4}
+    # another layout or mix cannot take the positions, and the message names the field
+    other = build_loader(replace(cfg, num_workers=num_workers + 1), tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="num_workers"):
+        other.load_state_dict(state)
+    with pytest.raises(ValueError, match="world_size"):
+        build_loader(cfg, rank=0, world_size=2, tokenizer=tokenizer).load_state_dict(state)
 
 
 @pytest.mark.parametrize("num_shards, per_shard", [(4, 5), (1, 17)], ids=["shards", "one-shard"])
@@ -398,3 +407,20 @@ def test_eval_resume_delivers_the_rest_once(tmp_path, tokenizer, num_shards, per
     other = build_loader(config(tmp_path, batch_size=2, num_workers=1), tokenizer=tokenizer)
     with pytest.raises(ValueError):
         other.load_state_dict(state)
+
+
+def test_a_state_saved_before_exact_resume_is_taken_up(tmp_path, tokenizer):
+    """Version 1 (a ``restarts`` count, no sources): a train state goes on with the next
+    pass, since its stream cannot be replayed; eval positions still mean the same."""
+    write_shards(tmp_path, 2, 5)
+    train = config(tmp_path, mode="train", epoch_size=40)
+    old = {"version": 1, "mode": "train", "seed": 0, "rank": 0, "world_size": 1,
+           "num_workers": 0, "epoch": 2, "batches_in_epoch": 3, "restarts": 1,
+           "positions": [0], "skipped_samples": 4, "shard_errors": 1}  # fmt: skip
+    loader = build_loader(train, tokenizer=tokenizer)
+    loader.load_state_dict(old)
+    assert (loader.epoch, loader.batches_in_epoch, loader.skipped_samples) == (3, 0, 4)
+    assert len(list(loader)) == 10  # a whole pass
+    evaluation = build_loader(config(tmp_path), tokenizer=tokenizer)
+    evaluation.load_state_dict(old | {"mode": "eval", "epoch": 0, "positions": [6]})
+    assert keys_of(read_all(evaluation)) == [f"s{i:06d}" for i in range(6, 10)]
