@@ -268,7 +268,11 @@ class VideoTextModel(PreTrainedModel):
         self.video_model = VideoMAEModel(video_config)
         # VideoMAE built for mean pooling has no final norm; tokens feed pooling, fusion, decoder
         self.video_norm = nn.LayerNorm(video_width, eps=video_config.layer_norm_eps)
-        self.text_model = BertModel(text_config, add_pooling_layer=False)
+        self.text_model = BertModel(text_config)
+        # The pooler is never used (text embeddings pool the tokens), but kept and frozen: the
+        # exported text_encoder/ is then a whole BertModel (AutoModel reports nothing MISSING)
+        # and a MiniLM start loads every tensor of its checkpoint (nothing UNEXPECTED).
+        self.text_model.pooler.requires_grad_(False)
 
         self.video_projection = nn.Linear(video_width, config.embed_dim)
         self.text_projection = nn.Linear(text_width, config.embed_dim)
@@ -314,10 +318,7 @@ class VideoTextModel(PreTrainedModel):
         model = cls(config)
         if config.text_model_dir is not None:
             text_model = BertModel.from_pretrained(
-                config.text_model_dir,
-                config=config.text_config,
-                add_pooling_layer=False,
-                local_files_only=True,
+                config.text_model_dir, config=config.text_config, local_files_only=True
             )
             model.text_model.load_state_dict(text_model.state_dict())
             top_layers = text_model.encoder.layer[-config.fusion_num_layers :]

@@ -243,6 +243,8 @@ def test_stock_transformers_load_both_towers_without_vidrec(runs, exported, tmp_
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0 and "stock ok" in result.stdout, result.stderr[-3000:]
+    # a whole BertModel and VideoMAEModel: transformers reports nothing missing or unexpected
+    assert "LOAD REPORT" not in result.stderr, result.stderr[-3000:]
 
 
 # ------------------------------------------------------------------------------ damaged exports
