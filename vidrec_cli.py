@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 
@@ -34,11 +35,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.verbose)
     return int(args.run(args) or 0)
+
+
+def configure_logging(verbose: bool) -> None:
+    """INFO from global rank 0 only; every other rank logs warnings and errors, tagged with
+    its rank (``-v``: everything, from every rank). The rank is read from the launcher's
+    environment (as ``pretrain.distributed.init_distributed`` reads it), so that lines logged
+    before the process group exists are sorted out too."""
+    rank = int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
+    if verbose:
+        level = logging.DEBUG
+    else:
+        level = logging.INFO if rank == 0 else logging.WARNING
+    tag = f" [rank {rank}]" if rank else ""
+    logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s{tag} %(name)s: %(message)s")
 
 
 if __name__ == "__main__":

@@ -58,12 +58,17 @@ def _environment() -> dict[str, str]:
     return env
 
 
-def _remove_shm_buffers(port: int) -> None:
-    """DeepSpeed's CPU all-reduce creates one 66 MB segment per rank in the RAM-backed
-    /dev/shm (``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``) and never unlinks it:
-    remove those of a finished job, or every test run leaves ~130 MB per launch behind."""
+def _shm_buffers(port: int) -> list[Path]:
+    """DeepSpeed's CPU all-reduce segments of the job on ``port``, one 66 MB per rank in the
+    RAM-backed /dev/shm (``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``)."""
     pattern = f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*"
-    for path in Path("/dev/shm").glob(pattern):
+    return list(Path("/dev/shm").glob(pattern))
+
+
+def _remove_shm_buffers(port: int) -> None:
+    """The ranks unlink their own segments once started; a job killed during start-up may
+    still leave them: remove those of a finished job."""
+    for path in _shm_buffers(port):
         path.unlink(missing_ok=True)
 
 
@@ -72,6 +77,8 @@ class Run:
     output_dir: Path
     returncode: int
     log: str
+    shm_left_behind: list[str]
+    """DeepSpeed shared-memory segments of the job still in /dev/shm after it ended."""
 
     @property
     def summary(self) -> dict:
@@ -115,10 +122,11 @@ def launch(shards, output_dir: Path, *overrides: str, timeout: float = 300) -> R
     job = _launch_in_background(command, output_dir.parent, log)
     try:
         job.wait(timeout=timeout)
+        left_behind = sorted(path.name for path in _shm_buffers(port))
     finally:
         _kill_job(job)  # on a timeout: the launcher and its ranks, not the launcher alone
         _remove_shm_buffers(port)
-    run = Run(output_dir, job.returncode, log.read_text(errors="replace"))
+    run = Run(output_dir, job.returncode, log.read_text(errors="replace"), left_behind)
     assert run.returncode == 0, f"launcher exited {run.returncode}:\n{run.log[-4000:]}"
     return run
 
@@ -402,7 +410,7 @@ def test_two_nodes_on_one_machine(reference, synthetic_shards, tmp_path):
         assert job.returncode == 0, log[-4000:]
 
     node0, node1 = tmp_path / "node0" / "out", tmp_path / "node1" / "out"
-    run = Run(node0, 0, logs[0])
+    run = Run(node0, 0, logs[0], [])
     assert run.summary["world_size"] == 2 and run.summary["rank"] == 0
     # the same world as two ranks on one node: the same ranks read the same data splits
     # (a node reading rank 0's share twice, or all shards, would train on other samples)
@@ -419,7 +427,26 @@ def test_two_nodes_on_one_machine(reference, synthetic_shards, tmp_path):
     assert (node1 / "checkpoints" / tag / "trainer_state_rank1.json").is_file()
     assert (node1 / "checkpoints" / tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()
     assert not (node1 / "checkpoints" / tag / "trainer_state_rank0.json").exists()
-    assert "rank 1/2 (local 0)" in logs[1]
+    # INFO lines from global rank 0 only: node 1 (rank 1) prints warnings and errors alone
+    assert f"checkpoint {tag} saved" in logs[0]
+    assert f"checkpoint {tag} saved" not in logs[1]
+
+
+# ------------------------------------------------------------------------------ the log
+
+
+def test_a_two_rank_log_says_each_thing_once(reference):
+    """Both ranks run the same code; their INFO lines come from rank 0 alone, and DeepSpeed's
+    calls of torch's deprecated collectives leave no FutureWarning."""
+    assert reference.log.count(f"checkpoint step_{STEPS:08d} saved") == 1
+    assert reference.log.count("rank 0/2 (local 0)") == 1
+    assert "rank 1/2" not in reference.log
+    assert "FutureWarning" not in reference.log
+
+
+def test_a_job_leaves_no_shared_memory_behind(reference):
+    """DeepSpeed's CPU all-reduce segments (~66 MB per rank in /dev/shm): gone with the job."""
+    assert reference.shm_left_behind == []
 
 
 # ------------------------------------------------------------------------------ MLflow
