@@ -171,7 +171,8 @@ def test_a_bf16_run_exports_its_fp32_master_weights(runs, tmp_path):
     assert consolidated.weights_source == "fp32 master"
     for name, live in trained.weights.items():
         merged = consolidated.state_dict[name]
-        assert merged.dtype == torch.float32, name
+        # the frozen text pooler has no master: its bf16 module copy is what there is
+        assert merged.dtype == (live.dtype if "pooler" in name else torch.float32), name
         assert torch.equal(merged.to(live.dtype), live), name
     model = load_export(export_checkpoint(trained.output_dir, tmp_path / "model", dtype="bf16"))
     torch.testing.assert_close(
