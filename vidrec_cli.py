@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+
+DEBUG_VARIABLE = "VIDREC_DEBUG"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vidrec", description="Video-text pretraining and video recommendation."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--debug", action="store_true",
+        help=f"show the Python traceback of an input error (or set {DEBUG_VARIABLE}=1)",
+    )  # fmt: skip
     # The deepspeed launcher passes --local_rank=N before the subcommand; LOCAL_RANK in the
     # environment says the same, and that is what the training stages read.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
@@ -34,11 +41,56 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    return int(args.run(args) or 0)
+    configure_logging(args.verbose)
+    try:
+        return int(args.run(args) or 0)
+    except Exception as err:
+        if args.debug or os.environ.get(DEBUG_VARIABLE) or not is_input_error(err):
+            raise
+        print(f"{_command_name(args)}: {error_line(err)}", file=sys.stderr)
+        return 2
+
+
+def is_input_error(err: BaseException) -> bool:
+    """An error about what the user gave (a file, a row, a field, a config value), which one
+    line can say, as opposed to a bug, which needs its traceback: missing or unreadable files
+    (``OSError``), values that do not parse or fit (``ValueError``: ``ConfigError``,
+    ``ManifestError``, ``InteractionFileError``, JSON errors ...), exports and videos that
+    cannot be read."""
+    if isinstance(err, (OSError, ValueError)):
+        return True
+    from data_shards.video import VideoError
+    from pretrain.checkpoint import ExportError
+
+    return isinstance(err, (ExportError, VideoError))
+
+
+def error_line(err: BaseException) -> str:
+    """The error as one line: its message, or for an ``OSError`` the reason and the file."""
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        return f"{err.filename}: {err.strerror}"
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _command_name(args: argparse.Namespace) -> str:
+    rank = int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
+    action = getattr(args, "shards_command", None)
+    name = " ".join(part for part in ("vidrec", args.command, action) if part)
+    return f"[rank {rank}] {name}" if rank else name
+
+
+def configure_logging(verbose: bool) -> None:
+    """INFO from global rank 0 only; every other rank logs warnings and errors, tagged with
+    its rank (``-v``: everything, from every rank). The rank is read from the launcher's
+    environment (as ``pretrain.distributed.init_distributed`` reads it), so that lines logged
+    before the process group exists are sorted out too."""
+    rank = int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
+    if verbose:
+        level = logging.DEBUG
+    else:
+        level = logging.INFO if rank == 0 else logging.WARNING
+    tag = f" [rank {rank}]" if rank else ""
+    logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s{tag} %(name)s: %(message)s")
 
 
 if __name__ == "__main__":

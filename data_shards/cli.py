@@ -152,18 +152,22 @@ def _run_stream(args: argparse.Namespace) -> int:
     )
     loader = build_loader(config)
     clips, started, first_batch_at = 0, time.perf_counter(), None
-    for index, batch in enumerate(loader):
-        if first_batch_at is None:
-            first_batch_at = time.perf_counter()
-            video = batch["video"]
-            print(
-                f"batch: video {tuple(video.shape)} {video.dtype}, "
-                f"input_ids {tuple(batch['input_ids'].shape)}, first caption: {batch['text'][0]!r}"
-            )
-        else:
-            clips += len(batch["key"])
-        if index + 1 >= args.batches:
-            break
+    try:
+        for index, batch in enumerate(loader):
+            if first_batch_at is None:
+                first_batch_at = time.perf_counter()
+                video = batch["video"]
+                print(
+                    f"batch: video {tuple(video.shape)} {video.dtype}, input_ids "
+                    f"{tuple(batch['input_ids'].shape)}, first caption: {batch['text'][0]!r}"
+                )
+            else:
+                clips += len(batch["key"])
+            if index + 1 >= args.batches:
+                break
+    except RuntimeError as err:  # the reader gives up on shards it cannot read at all
+        print(f"vidrec shards stream: {args.shards}: {err}", file=sys.stderr)
+        return 2
     elapsed = time.perf_counter() - (first_batch_at or started)
     rate = clips / elapsed if clips and elapsed > 0 else 0.0
     print(

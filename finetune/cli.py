@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from pretrain.cli import add_config_arguments
+from pretrain.cli import add_config_arguments, config_error_line
 
 
 def add_parser(commands) -> None:
@@ -28,7 +28,7 @@ def _run(args: argparse.Namespace) -> int:
         config = load_finetune_config(args.config, overrides)
         ds_config = deepspeed_config(config, args.world_size)
     except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"vidrec finetune: {err}", file=sys.stderr)
+        print(f"vidrec finetune: {config_error_line(args.config, err)}", file=sys.stderr)
         return 2
     if args.check:
         print(json.dumps({"config": to_dict(config), "deepspeed": ds_config}, indent=2))

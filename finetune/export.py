@@ -429,6 +429,11 @@ def export_finetune(
         preset=f"finetuned recommender ({built.config.encoder.mode} encoders)",
         training_data=built.data_figures,
         evaluation=_card_metrics(recommender.finetune["metrics"]),
+        evaluation_heading="Evaluation (recommendation: leave-one-out test split, full "
+        "catalogue ranking)",
+        datasets=[Path(str(built.data_figures["interactions"])).name],
+        tags=["recommendation", "cold-start"],
+        metrics=["hit_rate", "ndcg", "mrr"],
     )
     out = export_model(
         model.item_tower.encoder,

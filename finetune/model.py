@@ -152,6 +152,7 @@ class ItemTower(nn.Module):
                 module.requires_grad_(True)
         elif top_k < 0:
             raise ValueError(f"top_k must be >= 0 or 'all', got {top_k}")
+        self.encoder.text_model.pooler.requires_grad_(False)  # unused, kept for the export
         self.trainable_encoder_layers = top_k
         self.train(self.training)  # a frozen encoder goes to eval mode
 

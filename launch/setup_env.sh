@@ -12,14 +12,27 @@ fi
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
 
+# pip's output (notices, dependency warnings) only when it fails: a person reads one line per step.
+quiet_pip() {
+  local log
+  log=$(mktemp)
+  if ! pip install --quiet --disable-pip-version-check "$@" >"$log" 2>&1; then
+    cat "$log" >&2
+    rm -f "$log"
+    echo "[vidrec] pip install $* failed (output above)" >&2
+    return 1
+  fi
+  rm -f "$log"
+}
+
 if ! python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     echo "[vidrec] installing torch (CUDA build)"
-    pip install --quiet torch
+    quiet_pip torch
   else
     # A plain 'torch' requirement pulls a multi-GB CUDA build; without a GPU take the CPU wheel.
     echo "[vidrec] installing torch==2.13.0 (no CUDA device found)"
-    pip install --quiet torch==2.13.0
+    quiet_pip torch==2.13.0
   fi
 fi
 
@@ -28,7 +41,7 @@ stamp="$VENV/.vidrec-install-stamp"
 wanted=$(cat "$ROOT/setup.py" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
   echo "[vidrec] installing vidrec and its dependencies into $VENV"
-  pip install --quiet --disable-pip-version-check -e "$ROOT[test]"
+  quiet_pip -e "$ROOT[test]"
   echo "$wanted" > "$stamp"
 fi
 cd "$ROOT"

@@ -17,7 +17,7 @@ import json
 import logging
 import random
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,8 +136,11 @@ def save(
     trainer_state: dict[str, Any],
     resolved_config: dict[str, Any],
     keep_last: int,
+    before_latest: Callable[[str], Any] | None = None,
 ) -> str:
-    """Save a complete checkpoint, then move ``latest`` to it, then prune old ones."""
+    """Save a complete checkpoint, then move ``latest`` to it, then prune old ones.
+    ``before_latest(tag)`` runs on rank 0 once its files are written, before the pointer
+    moves (the other ranks wait for it at the barrier)."""
     directory = checkpoint_dir(output_dir)
     tag = f"step_{step:08d}"
     engine.save_checkpoint(str(directory), tag=tag, save_latest=False)
@@ -147,6 +150,8 @@ def save(
     if world.is_main:
         saved = {"config": resolved_config, "world_size": world.world_size, "step": step}
         atomic_write_text(directory / tag / "config.json", json.dumps(saved, indent=2))
+        if before_latest is not None:
+            before_latest(tag)
     barrier()  # every rank's files are on disk before the pointer moves
     if world.is_main:
         atomic_write_text(directory / LATEST, tag)
@@ -159,10 +164,6 @@ def save(
     return tag
 
 
-CHECKPOINT_FLUSH_TIMEOUT_S = 30.0
-"""How long a checkpoint waits for MLflow to receive the metrics logged before it."""
-
-
 def save_training(
     engine, output_dir, state, generator, tracker, world: World, resolved_config, keep_last: int
 ) -> str:
@@ -171,15 +172,14 @@ def save_training(
 
     The tracker creates its run in the background: when that outlasted ``start()``'s wait (a
     slow store, a server down at start), the id is known only now. Without it here a resumed
-    job would start a second MLflow run.
-
-    The metrics logged so far are delivered first (a bounded wait), so that a job killed
-    after this checkpoint and resumed from it leaves no gap in the run's history."""
-    if not tracker.flush(timeout=CHECKPOINT_FLUSH_TIMEOUT_S):
-        log.warning("checkpoint at step %d: MLflow has not received every metric yet", state.step)
+    job would start a second MLflow run. The metrics logged up to the checkpoint reach MLflow
+    before it becomes ``latest`` (``Tracker.flush_for_checkpoint``)."""
     state.tracking_run_id = broadcast_object(tracker.run_id) or state.tracking_run_id
     trainer_state = {"train_state": vars(state) | {}, "rng": rng_state(generator)}
-    return save(engine, output_dir, state.step, world, trainer_state, resolved_config, keep_last)
+    return save(
+        engine, output_dir, state.step, world, trainer_state, resolved_config, keep_last,
+        before_latest=tracker.flush_for_checkpoint,
+    )  # fmt: skip
 
 
 def load(

@@ -31,6 +31,12 @@ def add_config_arguments(parser, config_example: str, override_example: str) -> 
     parser.add_argument("--world-size", type=int, default=1, help="world size assumed by --check")
 
 
+def config_error_line(path: str, err: Exception) -> str:
+    """A config error as one line that names the config file."""
+    message = " ".join(str(err).split())
+    return message if path in message else f"{path}: {message}"
+
+
 def _run(args: argparse.Namespace) -> int:
     from pretrain.config import (
         ConfigError,
@@ -46,8 +52,11 @@ def _run(args: argparse.Namespace) -> int:
         config = load_pretrain_config(args.config, overrides)
         ds_config = deepspeed_config(config, args.world_size, model_width(config))
         model_config = config.model.build_config()
+        if not args.check and not config.data.train_shards:
+            # said here, naming the file, rather than by every rank once the job has started
+            raise ConfigError("data.train_shards is empty: nothing to train on")
     except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"vidrec pretrain: {err}", file=sys.stderr)
+        print(f"vidrec pretrain: {config_error_line(args.config, err)}", file=sys.stderr)
         return 2
     if args.check:
         import torch

@@ -13,7 +13,9 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -60,7 +62,18 @@ def init_distributed() -> World:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    # DeepSpeed's ZeRO and CPU communication call torch.distributed.all_gather_into_tensor and
+    # reduce_scatter_tensor, which torch 2.13 deprecates with a FutureWarning per process; the
+    # calls are inside DeepSpeed (none in vidrec), so there is nothing for a user to change.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is depr",
+        category=FutureWarning,
+    )
     _environment_from_slurm()
+    if int(os.environ.get("RANK", 0)) != 0:
+        # DeepSpeed's logger has its own handler: INFO from rank 0 only, as for vidrec's own.
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     if "RANK" not in os.environ:
         os.environ.update(
             RANK="0",
@@ -71,6 +84,7 @@ def init_distributed() -> World:
         )
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+        _unlink_shm_buffer(dist.get_rank())
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     accelerator = get_accelerator()
     if accelerator.device_name() == "cpu":
@@ -86,6 +100,24 @@ def init_distributed() -> World:
     )
     log.info("rank %d/%d (local %d) on %s", world.rank, world.world_size, local_rank, device)
     return world
+
+
+def shm_buffer_path(rank: int) -> Path:
+    """The shared-memory segment DeepSpeed's CPU all-reduce creates for ``rank`` of this job
+    (named by user, master address and port, rank: see its ``shm.cpp``)."""
+    address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{rank}"
+
+
+def _unlink_shm_buffer(rank: int) -> None:
+    """DeepSpeed's CPU backend (all ranks on one machine) maps one ~66 MB segment per rank in
+    the RAM-backed /dev/shm and never unlinks it: every job left ~130 MB behind. Once every
+    rank has passed initialisation (the barrier), each has mapped every segment, so each rank
+    removes its own name now: the memory lives on while the job's processes have it mapped and
+    is freed when they end, however they end (SIGKILL included). Other jobs' segments differ
+    by port and are never touched."""
+    dist.barrier()  # on every rank, segment or not (another backend, several machines)
+    shm_buffer_path(rank).unlink(missing_ok=True)
 
 
 def shutdown() -> None:

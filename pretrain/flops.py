@@ -74,6 +74,9 @@ def forward_flops(
         * text.num_hidden_layers
         * layer_flops(text_length, text_width, text.intermediate_size)
     )
+    # BertModel runs its pooler (one dense layer on the first token) in every pass; the model
+    # keeps it for the export and does not use its output
+    flops["text_pooler"] = text_passes * 2 * text_width * text_width
     flops["projections"] = 2 * (video_width + text_width) * config.embed_dim
 
     fusion_passes = (0 if mlm_targets is None else 1) + (2 if matching else 0)

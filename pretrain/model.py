@@ -32,6 +32,7 @@ from transformers.models.bert.modeling_bert import (
     BertLMPredictionHead,
     BertOnlyMLMHead,
     BertOutput,
+    BertPooler,
 )
 from transformers.models.videomae.modeling_videomae import (
     VideoMAEDecoder,
@@ -268,7 +269,7 @@ class VideoTextModel(PreTrainedModel):
         self.video_model = VideoMAEModel(video_config)
         # VideoMAE built for mean pooling has no final norm; tokens feed pooling, fusion, decoder
         self.video_norm = nn.LayerNorm(video_width, eps=video_config.layer_norm_eps)
-        self.text_model = BertModel(text_config, add_pooling_layer=False)
+        self.text_model = BertModel(text_config, add_pooling_layer=False)  # pooler: see below
 
         self.video_projection = nn.Linear(video_width, config.embed_dim)
         self.text_projection = nn.Linear(text_width, config.embed_dim)
@@ -292,6 +293,15 @@ class VideoTextModel(PreTrainedModel):
         self.decoder = VideoMAEDecoder(video_config)
 
         self.post_init()
+        # The text pooler is never used (text embeddings pool the tokens), but kept and frozen:
+        # the exported text_encoder/ is then a whole BertModel (AutoModel reports nothing
+        # MISSING) and a MiniLM start loads every tensor of its checkpoint (nothing UNEXPECTED).
+        # Added last, its random init drawn from a forked RNG: every other weight of a seeded
+        # model is the one it was without the pooler.
+        with torch.random.fork_rng(devices=[]):
+            self.text_model.pooler = BertPooler(text_config)
+            self._init_weights(self.text_model.pooler.dense)
+        self.text_model.pooler.requires_grad_(False)
         if config.activation_checkpointing:
             self.activation_checkpointing_enable()
 
@@ -314,10 +324,7 @@ class VideoTextModel(PreTrainedModel):
         model = cls(config)
         if config.text_model_dir is not None:
             text_model = BertModel.from_pretrained(
-                config.text_model_dir,
-                config=config.text_config,
-                add_pooling_layer=False,
-                local_files_only=True,
+                config.text_model_dir, config=config.text_config, local_files_only=True
             )
             model.text_model.load_state_dict(text_model.state_dict())
             top_layers = text_model.encoder.layer[-config.fusion_num_layers :]

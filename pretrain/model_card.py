@@ -26,14 +26,23 @@ class ModelCard:
     preset: str | None = None
     training_data: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
+    evaluation_heading: str = "Evaluation (held-out text-video retrieval, recall in %)"
+    """What the ``evaluation`` figures are: the heading above them."""
+    datasets: list[str] = field(default_factory=list)
+    """Names of the data the model was trained on (no paths: the card travels)."""
+    tags: list[str] = field(default_factory=lambda: ["text-to-video-retrieval"])
+    metrics: list[str] = field(default_factory=lambda: ["recall"])
+    """Hugging Face metric ids of the ``evaluation`` figures."""
 
 
 def checkpoint_card(consolidated: ConsolidatedCheckpoint) -> ModelCard:
     """The card of a pretraining checkpoint: provenance, the shipped preset the run used, the
     shard set it trained on, and its held-out evaluation at or before the exported step."""
     run_config = consolidated.run.get("config") or {}
+    train_shards = str(run_config.get("data", {}).get("train_shards", ""))
     return ModelCard(
         source=str(consolidated.tag_dir),
+        datasets=[_name(train_shards)] if train_shards else [],
         step=consolidated.step,
         mlflow_run_id=consolidated.mlflow_run_id,
         zero_stage=consolidated.zero_stage,
@@ -56,6 +65,7 @@ def render_model_card(
     video_dir, text_dir = tower_dirs
     video, text = config["video_config"], config["text_config"]
     lines = [
+        *_front_matter(card),
         f"# {info['model_id']}",
         "",
         "Video-text dual encoder pretrained by vidrec: a VideoMAE video tower and a BERT text",
@@ -80,7 +90,8 @@ def render_model_card(
         "",
         "## Provenance",
         "",
-        f"- checkpoint: `{card.source or 'n/a'}` (step {card.step}, ZeRO-{card.zero_stage}, "
+        f"- checkpoint: `{_name(card.source) or 'n/a'}` (step {card.step}, "
+        f"ZeRO-{card.zero_stage}, "
         f"{card.world_size} ranks)",
         f"- MLflow run: {card.mlflow_run_id or 'n/a'}",
         f"- model_id: `{info['model_id']}` (hash of the weight files; embeddings carry it)",
@@ -88,7 +99,7 @@ def render_model_card(
     ]
     lines += _card_section_training(card)
     if card.evaluation:
-        lines += ["## Evaluation (held-out retrieval)", ""]
+        lines += [f"## {card.evaluation_heading}", ""]
         lines += [f"- {key}: {value}" for key, value in card.evaluation.items()]
         lines.append("")
     if info["components"]:
@@ -108,8 +119,8 @@ def render_model_card(
         "",
         f"`{video_dir}/` and `{text_dir}/` load with `transformers.AutoModel`",
         "alone (no vidrec code): they give token features, not the joint embedding (the",
-        "projections, the video norm and the pooling are vidrec's). The text encoder has no",
-        "pooler: the pooler weights that BertModel creates are untrained.",
+        "projections, the video norm and the pooling are vidrec's). The text encoder's pooler",
+        "is its starting point's, carried along frozen: vidrec does not use it.",
         "",
         "## Limits",
         "",
@@ -129,9 +140,39 @@ def _card_section_training(card: ModelCard) -> list[str]:
     if data:
         lines.append("## Training data\n")
         for key, value in data.items():
-            lines.append(f"- {key}: {value}")
+            lines.append(f"- {key}: {_shown(value)}")
         lines.append("")
     return lines
+
+
+def _front_matter(card: ModelCard) -> list[str]:
+    """The Hugging Face model card metadata block (YAML between ``---`` lines)."""
+    import yaml
+
+    metadata = {
+        "library_name": "vidrec",
+        "pipeline_tag": "feature-extraction",
+        "tags": ["vidrec", "video-text", "videomae", "bert", *card.tags],
+        "datasets": card.datasets,
+        "metrics": card.metrics if card.evaluation else [],
+    }
+    metadata = {key: value for key, value in metadata.items() if value}
+    return ["---", yaml.safe_dump(metadata, sort_keys=False).rstrip(), "---", ""]
+
+
+def _name(path: str | None) -> str:
+    """A path as the card shows it: its last part (the training machine's paths mean nothing
+    where the export goes)."""
+    return Path(path).name if path else ""
+
+
+def _shown(value: Any) -> Any:
+    """``value`` with absolute paths (the training machine's) cut to their last part."""
+    if isinstance(value, list):
+        return [_shown(item) for item in value]
+    if isinstance(value, str) and value.startswith("/"):
+        return _name(value)
+    return value
 
 
 def _training_data(run_config: Mapping[str, Any], trainer_states: list[dict]) -> dict[str, Any]:

@@ -10,7 +10,6 @@ from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import nn
 
@@ -40,6 +39,27 @@ def weighted_total(
 def _scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
     """Identity in the forward pass (bit for bit), gradient multiplied by ``factor``."""
     return x.detach() + (x - x.detach()) * factor
+
+
+class _GatherSummingGrad(torch.autograd.Function):
+    """All-gather (B, E) → (W·B, E) in rank order; backward: each rank's slice receives the
+    SUM over ranks of the gradients of that slice, as ``torch.distributed.nn.functional
+    .all_gather`` did (deprecated in torch 2.13, with a FutureWarning at every call).
+    The backward is one all-reduce of the (small) gathered gradient, which every backend has."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+        ctx.rank, ctx.rows = rank, local.shape[0]
+        gathered = [torch.empty_like(local) for _ in range(world_size)]
+        dist.all_gather(gathered, local.contiguous())
+        return torch.cat(gathered, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        summed = grad.contiguous().clone()
+        dist.all_reduce(summed)
+        start = ctx.rank * ctx.rows
+        return summed[start : start + ctx.rows], None, None
 
 
 class ClipLoss(nn.Module):
@@ -80,7 +100,7 @@ class ClipLoss(nn.Module):
         if self.world_size == 1:
             return local
         if self.gather_with_grad:
-            return torch.cat(dist_fn.all_gather(local), dim=0)
+            return _GatherSummingGrad.apply(local, self.rank, self.world_size)
         gathered = [torch.empty_like(local) for _ in range(self.world_size)]
         dist.all_gather(gathered, local.detach().contiguous())
         gathered[self.rank] = _scale_grad(local, self.world_size)

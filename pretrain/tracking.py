@@ -102,13 +102,18 @@ class TrackingSettings:
     right away; it returns as soon as the first attempt fails (the server is down)."""
     finish_timeout_s: float = 30.0
     """``finish()`` gives up delivering after this long."""
+    checkpoint_timeout_s: float = 10.0
+    """At each checkpoint, rank 0 waits up to this long for every record logged so far to
+    reach MLflow before ``latest`` moves to it (``flush_for_checkpoint``); 0: no wait."""
 
     def __post_init__(self):
         timings = (self.flush_interval_s, self.retry_initial_s, self.retry_max_s)
         if min(timings) <= 0:
             raise ValueError("flush_interval_s, retry_initial_s and retry_max_s must be > 0")
-        if min(self.start_timeout_s, self.finish_timeout_s) < 0:
-            raise ValueError("start_timeout_s and finish_timeout_s must be >= 0")
+        if min(self.start_timeout_s, self.finish_timeout_s, self.checkpoint_timeout_s) < 0:
+            raise ValueError(
+                "start_timeout_s, finish_timeout_s and checkpoint_timeout_s must be >= 0"
+            )
         if self.max_queue < 1:
             raise ValueError("max_queue must be >= 1")
         # MLflow parses MLFLOW_HTTP_REQUEST_TIMEOUT with int().
@@ -345,9 +350,10 @@ class Tracker:
                 self._records.append(("artifact", (str(path.absolute()), None)))
         return path
 
-    def flush(self, timeout: float | None = None) -> bool:
+    def flush(self, timeout: float | None = None, *, stop_on_outage: bool = False) -> bool:
         """Wake the sender and wait until everything buffered is delivered (at most
-        ``timeout`` s, default ``finish_timeout_s``). True if it was."""
+        ``timeout`` s, default ``finish_timeout_s``). True if it was. ``stop_on_outage``:
+        give up at once while the server is known to be unreachable."""
         if not self.enabled or self._thread is None:
             return True
         deadline = time.monotonic() + (
@@ -357,8 +363,28 @@ class Tracker:
         while self._pending() or not self._run_ready:
             if time.monotonic() >= deadline or not self._thread.is_alive():
                 return False
+            if stop_on_outage and self._outage_since is not None:
+                return False
             time.sleep(0.02)
         return True
+
+    def flush_for_checkpoint(self, tag: str) -> bool:
+        """Before checkpoint ``tag`` becomes ``latest``: deliver every metric logged so far, so
+        that a job killed after the checkpoint (SIGKILL skips every exit hook) has tracked
+        each step the checkpoint holds, and its restart does not redo them. Bounded by
+        ``checkpoint_timeout_s``, and no wait at all during an outage: training never stalls
+        on MLflow. True if everything was delivered."""
+        if self.flush(self.settings.checkpoint_timeout_s, stop_on_outage=True):
+            return True
+        if self._accepting:
+            logger.warning(
+                "checkpoint %s: MLflow at %s has not received every metric up to it (%d "
+                "records still buffered); they stay buffered and are sent later",
+                tag,
+                self.tracking_uri,
+                self._pending(),
+            )
+        return False
 
     def finish(self, status: str = "FINISHED", timeout: float | None = None) -> int:
         """Deliver what is buffered, set the run's status, stop the thread. Waits at most

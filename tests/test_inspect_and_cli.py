@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +17,8 @@ from shard_factory import HEIGHT, WIDTH, write_shards
 from data_shards.build import BuildConfig, parse_part
 from data_shards.inspect_shards import inspect_shards
 from vidrec_cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +98,30 @@ def test_cli_build_defaults_are_the_build_configs():
         if field.name not in ("part", "num_parts"):
             assert getattr(args, field.name) == getattr(defaults, field.name), field.name
     assert parse_part(args.part) == (defaults.part, defaults.num_parts)
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_info_lines_come_from_rank_0_only(rank):
+    """Each rank of a job runs the same code: INFO lines from rank 0 only, other ranks log
+    warnings and errors with their rank, so a 2-rank job prints each line once."""
+    script = (
+        "import logging, vidrec_cli\n"
+        "vidrec_cli.configure_logging(verbose=False)\n"
+        "logging.getLogger('pretrain.checkpoint').info('checkpoint step_2 saved')\n"
+        "logging.getLogger('pretrain.checkpoint').warning('disk almost full')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "SLURM_PROCID")}
+    env |= {"RANK": rank, "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")}
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    lines = result.stderr.splitlines()
+    if rank == "0":
+        assert [line.split(" ", 2)[2] for line in lines] == [
+            "INFO pretrain.checkpoint: checkpoint step_2 saved",
+            "WARNING pretrain.checkpoint: disk almost full",
+        ]
+    else:
+        assert [line.split(" ", 2)[2] for line in lines] == [
+            "WARNING [rank 1] pretrain.checkpoint: disk almost full"
+        ]

@@ -23,6 +23,7 @@ import torch
 import yaml
 from conftest import CONFIGS
 from mlflow import MlflowClient
+from test_tracking import MlflowServer
 
 pytestmark = pytest.mark.distributed
 
@@ -54,12 +55,17 @@ def _environment() -> dict[str, str]:
     return env
 
 
-def _remove_shm_buffers(port: int) -> None:
-    """DeepSpeed's CPU all-reduce creates one 66 MB segment per rank in the RAM-backed
-    /dev/shm (``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``) and never unlinks it:
-    remove those of a finished job, or every test run leaves ~130 MB per launch behind."""
+def _shm_buffers(port: int) -> list[Path]:
+    """DeepSpeed's CPU all-reduce segments of the job on ``port``, one 66 MB per rank in the
+    RAM-backed /dev/shm (``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``)."""
     pattern = f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*"
-    for path in Path("/dev/shm").glob(pattern):
+    return list(Path("/dev/shm").glob(pattern))
+
+
+def _remove_shm_buffers(port: int) -> None:
+    """The ranks unlink their own segments once started; a job killed during start-up may
+    still leave them: remove those of a finished job."""
+    for path in _shm_buffers(port):
         path.unlink(missing_ok=True)
 
 
@@ -68,6 +74,8 @@ class Run:
     output_dir: Path
     returncode: int
     log: str
+    shm_left_behind: list[str]
+    """DeepSpeed shared-memory segments of the job still in /dev/shm after it ended."""
 
     @property
     def summary(self) -> dict:
@@ -129,10 +137,11 @@ def launch(
     job = _launch_in_background(command, output_dir.parent, log)
     try:
         job.wait(timeout=timeout)
+        left_behind = sorted(path.name for path in _shm_buffers(port))
     finally:
         _kill_job(job)  # on a timeout: the launcher and its ranks, not the launcher alone
         _remove_shm_buffers(port)
-    run = Run(output_dir, job.returncode, log.read_text(errors="replace"))
+    run = Run(output_dir, job.returncode, log.read_text(errors="replace"), left_behind)
     assert run.returncode == 0, f"launcher exited {run.returncode}:\n{run.log[-4000:]}"
     return run
 
@@ -244,7 +253,9 @@ def _trainer_state(output_dir: Path, tag: str, rank: int) -> dict:
     return json.loads(path.read_text())["train_state"]
 
 
-def test_resume_after_a_clean_stop_and_after_sigkill(reference, synthetic_shards, tmp_path):
+def test_resume_after_a_clean_stop_and_after_sigkill(
+    reference, synthetic_shards, tmp_path, request
+):
     """One output directory, three jobs, against the straight 8-step reference:
 
     1. ``train.steps=2``: stops cleanly with a checkpoint at step 2 (N);
@@ -255,11 +266,17 @@ def test_resume_after_a_clean_stop_and_after_sigkill(reference, synthetic_shards
     Exact resume: weights, Adam state, schedule, RNG and the reader position all carry over,
     so after each resume both ranks consume the batches the straight run consumed, and every
     loss is the reference's bit for bit (fp32 on CPU: the same arithmetic in the same order).
-    The MLflow run holds one loss history, steps 1 to 8, each the straight run's value.
+    The MLflow run, on a real MLflow server (default 5 s flush interval), holds one loss
+    history, steps 1 to 8, each the straight run's value: the steps the killed job checkpointed
+    reached the server before its checkpoint became ``latest``.
     """
     output = tmp_path / "run"
     checkpoints = output / "checkpoints"
-    overrides = ("train.save_every=2", "train.keep_last=2")
+    (tmp_path / "server").mkdir()
+    server = MlflowServer(tmp_path / "server")
+    server.start()
+    request.addfinalizer(server.stop)
+    overrides = ("train.save_every=2", "train.keep_last=2", f"tracking.tracking_uri={server.uri}")
 
     first = launch(synthetic_shards, output, *overrides, "train.steps=2")
     # up to the stop it is the reference, bit for bit (seeded, deterministic, the same warmup)
@@ -335,8 +352,9 @@ def test_resume_after_a_clean_stop_and_after_sigkill(reference, synthetic_shards
             assert f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" in names
     assert not list(output.rglob("*.tmp")), "a temporary file was left behind"
 
-    # three jobs, one MLflow run: each resume continued it
-    client = MlflowClient(tracking_uri=f"sqlite:///{output}/mlflow.db")
+    # three jobs, one MLflow run: each resume continued it, and the steps the killed job
+    # checkpointed reached the server before its checkpoint became `latest`
+    client = MlflowClient(tracking_uri=server.uri)
     (run,) = client.search_runs([client.get_experiment_by_name("vidrec-pretrain").experiment_id])
     assert run.info.status == "FINISHED"
     # a checkpoint is written only once MLflow has every step up to it, and steps the killed
@@ -421,7 +439,7 @@ def test_two_nodes_on_one_machine(reference, synthetic_shards, tmp_path):
         assert job.returncode == 0, log[-4000:]
 
     node0, node1 = tmp_path / "node0" / "out", tmp_path / "node1" / "out"
-    run = Run(node0, 0, logs[0])
+    run = Run(node0, 0, logs[0], [])
     assert run.summary["world_size"] == 2 and run.summary["rank"] == 0
     # the same world as two ranks on one node: the same ranks read the same data splits
     # (a node reading rank 0's share twice, or all shards, would train on other samples)
@@ -438,7 +456,26 @@ def test_two_nodes_on_one_machine(reference, synthetic_shards, tmp_path):
     assert (node1 / "checkpoints" / tag / "trainer_state_rank1.json").is_file()
     assert (node1 / "checkpoints" / tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()
     assert not (node1 / "checkpoints" / tag / "trainer_state_rank0.json").exists()
-    assert "rank 1/2 (local 0)" in logs[1]
+    # INFO lines from global rank 0 only: node 1 (rank 1) prints warnings and errors alone
+    assert f"checkpoint {tag} saved" in logs[0]
+    assert f"checkpoint {tag} saved" not in logs[1]
+
+
+# ------------------------------------------------------------------------------ the log
+
+
+def test_a_two_rank_log_says_each_thing_once(reference):
+    """Both ranks run the same code; their INFO lines come from rank 0 alone, and DeepSpeed's
+    calls of torch's deprecated collectives leave no FutureWarning."""
+    assert reference.log.count(f"checkpoint step_{STEPS:08d} saved") == 1
+    assert reference.log.count("rank 0/2 (local 0)") == 1
+    assert "rank 1/2" not in reference.log
+    assert "FutureWarning" not in reference.log
+
+
+def test_a_job_leaves_no_shared_memory_behind(reference):
+    """DeepSpeed's CPU all-reduce segments (~66 MB per rank in /dev/shm): gone with the job."""
+    assert reference.shm_left_behind == []
 
 
 # ------------------------------------------------------------------------------ MLflow

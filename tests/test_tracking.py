@@ -325,6 +325,39 @@ def test_server_logging_and_rejections(server, tmp_path, monkeypatch, tracking_l
     assert not _messages(tracking_logs, "unreachable")
 
 
+def test_checkpoint_flush_delivers_now_and_never_waits_on_a_dead_server(server, tmp_path):
+    """Metrics buffered under a long flush interval are on the server when
+    ``flush_for_checkpoint`` returns; with the server unreachable it returns at once."""
+    settings = TrackingSettings(
+        tracking_uri=server.uri,
+        experiment="checkpoint-flush",
+        output_dir=str(tmp_path),
+        **(FAST | {"flush_interval_s": 600.0}),
+    )
+    tracker = Tracker(settings)
+    tracker.start()
+    tracker.flush(timeout=20)  # the start-up records; from here on only metrics wait
+    for step in range(1, 5):
+        tracker.log_metrics({"loss": float(step)}, step=step)
+    assert tracker.flush_for_checkpoint("step_00000004")
+    client = MlflowClient(server.uri)
+    assert [step for step, _ in _history(client, tracker.run_id, "loss")] == [1, 2, 3, 4]
+    tracker.finish()
+
+    down = TrackingSettings(
+        tracking_uri=f"http://127.0.0.1:{_free_port()}",
+        output_dir=str(tmp_path),
+        **(FAST | {"checkpoint_timeout_s": 30.0}),
+    )
+    unreachable = Tracker(down)
+    unreachable.start()
+    unreachable.log_metrics({"loss": 1.0}, step=1)
+    started = time.monotonic()
+    assert not unreachable.flush_for_checkpoint("step_00000001")
+    assert time.monotonic() - started < 5
+    unreachable.finish(timeout=0)
+
+
 def test_server_outage_mid_run(server, tmp_path, tracking_logs):
     settings = TrackingSettings(
         tracking_uri=server.uri, experiment="outage-test", output_dir=str(tmp_path), **FAST
