@@ -152,9 +152,13 @@ class Finetuner(Trainer):
     def next_micro_batch(self) -> NextItemBatch:
         return self.next_item_batch(self.state, self.items)
 
-    def next_item_batch(self, state: SamplerState, items: ItemSource) -> NextItemBatch:
+    def next_item_batch(
+        self, state: SamplerState, items: ItemSource, generator: torch.Generator | None = None
+    ) -> NextItemBatch:
+        """The next users' batch; negatives drawn from ``generator`` (default: the run's)."""
         users = self.sampler.next(state)
-        return self.batcher.batch(users, items, self.generator, self.world.device, self.anchors)
+        generator = generator or self.generator
+        return self.batcher.batch(users, items, generator, self.world.device, self.anchors)
 
     def micro_batch_loss(self, batch: NextItemBatch) -> dict[str, torch.Tensor]:
         """The losses of one micro-batch, computed inside the engine's forward (ZeRO-3)."""
@@ -196,17 +200,20 @@ class Finetuner(Trainer):
         return valid
 
     def id_sasrec_fingerprint(self) -> str:
-        """What the baseline depends on: the resolved config but where it is written (its
-        negatives come from the run's generator after the main training), the world and the
-        data files' content."""
-        data = self.config.data
-        files = [data.interactions, data.catalogue, data.cold_items]
-        config = {k: v for k, v in self.resolved.items() if k != "tracking"}
-        config["train"] = {k: v for k, v in config["train"].items() if k != "output_dir"}
-        record = {
-            "config": config,
+        """What the baseline depends on: the data, the settings its model, loss, engine and
+        seeds come from, the world size, and the data files' content (not the main training's
+        length, its encoders or where the run is written)."""
+        resolved, data = self.resolved, self.config.data
+        sections = ("data", "model", "loss", "baselines", "optimizer", "parallel")
+        record = {name: resolved[name] for name in sections}
+        record |= {
+            "seed": resolved["train"]["seed"],
+            "max_nonfinite_streak": resolved["train"]["max_nonfinite_streak"],
             "world_size": self.world.world_size,
-            "files": [file_sha256(path) if path else "" for path in files],
+            "files": [
+                file_sha256(path) if isinstance(path, str) and path else ""
+                for path in (data.interactions, data.catalogue, data.cold_items)
+            ],
         }
         return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
@@ -239,6 +246,9 @@ class Finetuner(Trainer):
         engine, from scratch."""
         baselines, train = self.config.baselines, self.config.train
         torch.manual_seed(train.seed + 1)
+        # its own negatives stream, so that it depends on the baseline settings and the data
+        # only, not on how long the main training drew from the run's generator
+        generator = torch.Generator().manual_seed((train.seed + 1) * 1000 + self.world.rank)
         module = build_model(self.spec, None, loss_bce_weight=self.config.loss.bce_weight)
         engine, _ = build_engine(
             module, self.config, self.world, baselines.id_sasrec_steps, baselines.id_sasrec_lr,
@@ -251,7 +261,7 @@ class Finetuner(Trainer):
             metrics = trainer.optimizer_step(
                 engine,
                 state,
-                lambda: self.next_item_batch(state, ids),
+                lambda: self.next_item_batch(state, ids, generator),
                 engine,
                 grad_accum_steps=self.config.parallel.grad_accum_steps,
                 max_nonfinite_streak=train.max_nonfinite_streak,

@@ -138,6 +138,8 @@ def test_id_sasrec_baseline_is_trained_once_and_reused_by_a_rerun(frozen_run, wo
     for split in ("valid", "test"):
         assert rerun["metrics"][split]["id_sasrec"] == results["metrics"][split]["id_sasrec"]
     fingerprint = again.id_sasrec_fingerprint()
+    again.resolved["train"]["steps"] += 5  # the main training's length: the same baseline
+    assert again.id_sasrec_fingerprint() == fingerprint
     again.resolved["baselines"]["id_sasrec_steps"] += 1
     assert again.id_sasrec_fingerprint() != fingerprint
 
