@@ -157,8 +157,9 @@ def _run_stream(args: argparse.Namespace) -> int:
             if first_batch_at is None:
                 first_batch_at = time.perf_counter()
                 video = batch["video"]
+                crops = f", crops {tuple(batch['crops'].shape)}" if "crops" in batch else ""
                 print(
-                    f"batch: video {tuple(video.shape)} {video.dtype}, input_ids "
+                    f"batch: video {tuple(video.shape)} {video.dtype}{crops}, input_ids "
                     f"{tuple(batch['input_ids'].shape)}, first caption: {batch['text'][0]!r}"
                 )
             else:

@@ -5,13 +5,18 @@ The pipeline, one stage a line in ``build_pipeline``::
     train  per source: shards drawn with replacement (seeded per slot) → tar to samples
            → one seeded weighted choice of source per sample → shuffle the still-encoded
            samples → number them, skip those consumed before a resume
-           → decode, T frames by segments, random resized crop, flip → batch + tokenize
+           → decode T frames by segments, draw k crop boxes and flips → batch + tokenize
     eval   SimpleShardList → split by rank and worker → tar to samples
            → decode, T frames uniformly, centre crop → batch + tokenize
 
 Batches are dicts: ``video`` uint8 (B, T, C, H, W) RGB, not normalized (that is cheaper on
 the accelerator); ``input_ids`` and ``attention_mask`` long (B, L); ``text``, ``key``,
 ``item_id`` (str or None) and ``meta`` (the sample's json, {} without one) as lists.
+Eval batches are ready: B clips, centre-cropped to ``size``. Train batches hold B clips at the
+shards' resolution and ``crops`` (B, k, 5), the crop box and flip of each of the clip's k
+training samples (``samples_per_clip``): ``data_shards.augment.expand_crops`` turns them into
+the B·k samples on the accelerator, where cropping is cheap and a clip crosses the process
+boundary once however many samples it gives.
 
 How the data is split. Every DataLoader worker of every rank is one *slot*,
 ``slot = rank * num_workers + worker`` out of ``slots = world_size * num_workers`` (a loader
@@ -72,13 +77,19 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import webdataset as wds
 from torch.utils.data import default_collate
 
+from data_shards.augment import center_crop_box, random_crop_box, resize_square
 from data_shards.sources import DEFAULT_SOURCE, ShardSource, check_sources, resolve_sources
 from data_shards.text import load_tokenizer
-from data_shards.video import VideoError, crop_resize_planar, decode_clip, upright_rgb
+from data_shards.video import (
+    VideoError,
+    crop_resize_planar,
+    decode_clip,
+    decode_frames,
+    upright_rgb,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +97,8 @@ STALL_LIMIT = 1000
 """Failures in a row (bad samples or unreadable shards) after which a train worker gives up."""
 
 _STATE_VERSION = 2
+# What a saved position depends on besides the sources: another value replays or drops samples.
+_LAYOUT_FIELDS = ("mode", "seed", "rank", "world_size", "num_workers", "samples_per_clip")
 # Purposes mixed into derived seeds so that the streams of one slot are independent.
 _SHARDS, _SHUFFLE, _AUGMENT, _MIX = 0, 1, 2, 3
 
@@ -122,6 +135,11 @@ class ReaderConfig:
     """Train: width / height of the random crop."""
     flip_prob: float = 0.5
     """Train: probability of a horizontal flip (the whole clip)."""
+    samples_per_clip: int = 1
+    """Train: training samples cut from each decoded clip, each with its own random crop and
+    flip (and, in the model, its own tube mask): VideoMAE v2's repeated sampling, which
+    divides the decode cost per training sample by about this factor. ``batch_size`` counts
+    training samples and must be a multiple of it."""
 
     def __post_init__(self):
         if self.mode not in ("train", "eval"):
@@ -140,10 +158,21 @@ class ReaderConfig:
             raise ValueError(f"crop_ratio must satisfy 0 < low <= high, got {self.crop_ratio}")
         if not 0 <= self.flip_prob <= 1:
             raise ValueError(f"flip_prob must be in [0, 1], got {self.flip_prob}")
+        if self.samples_per_clip < 1:
+            raise ValueError(f"samples_per_clip must be at least 1, got {self.samples_per_clip}")
+        if self.mode == "train" and self.batch_size % self.samples_per_clip:
+            raise ValueError(
+                f"batch_size {self.batch_size} is not a multiple of samples_per_clip "
+                f"{self.samples_per_clip}: a batch holds every copy of its clips"
+            )
         if self.is_mix():
             check_sources(self.shards)
             if self.mode == "eval":
                 raise ValueError("eval reads one source at a time, not a mix")
+
+    def clips_per_batch(self) -> int:
+        """Decoded clips in a batch (train: ``batch_size / samples_per_clip``)."""
+        return self.batch_size // self.samples_per_clip if self.mode == "train" else self.batch_size
 
     def is_mix(self) -> bool:
         return bool(self.shards) and isinstance(self.shards[0], ShardSource)
@@ -170,71 +199,6 @@ def segment_frame_indices(available: int, num_frames: int, rng: random.Random) -
     offsets = np.array([rng.random() for _ in range(num_frames)])
     indices = ((np.arange(num_frames) + offsets) * available / num_frames).astype(np.int64)
     return np.minimum(indices, available - 1)
-
-
-def _resize(clip: torch.Tensor, size: int) -> torch.Tensor:
-    """(T, C, h, w) → (T, C, size, size) in one call for all frames."""
-    height, width = clip.shape[-2:]
-    if (height, width) == (size, size):
-        return clip
-    # Antialiasing only matters, and only costs, when shrinking.
-    shrink = height > size or width > size
-    return F.interpolate(
-        clip, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink
-    )
-
-
-def random_crop_box(
-    height: int,
-    width: int,
-    scale: tuple[float, float],
-    ratio: tuple[float, float],
-    rng: random.Random,
-) -> tuple[int, int, int, int]:
-    """(top, left, height, width) of a random box, drawn as torchvision's RandomResizedCrop does.
-
-    Falls back to the largest centred box of an allowed aspect ratio after ten misses.
-    """
-    area = height * width
-    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
-    for _ in range(10):
-        target_area = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(log_low, log_high))
-        crop_w = round(math.sqrt(target_area * aspect))
-        crop_h = round(math.sqrt(target_area / aspect))
-        if 0 < crop_w <= width and 0 < crop_h <= height:
-            return rng.randint(0, height - crop_h), rng.randint(0, width - crop_w), crop_h, crop_w
-    aspect = min(max(width / height, ratio[0]), ratio[1])
-    crop_w, crop_h = width, height
-    if width / height > aspect:
-        crop_w = round(height * aspect)
-    else:
-        crop_h = round(width / aspect)
-    return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
-
-
-def center_crop_box(height: int, width: int) -> tuple[int, int, int, int]:
-    """The centred square: resizing it is the same picture as resize-short-side-then-crop."""
-    side = min(height, width)
-    return (height - side) // 2, (width - side) // 2, side, side
-
-
-def random_resized_crop(
-    clip: torch.Tensor,
-    size: int,
-    scale: tuple[float, float],
-    ratio: tuple[float, float],
-    rng: random.Random,
-) -> torch.Tensor:
-    """(T, C, H, W) → (T, C, size, size): one random box for all frames, cut before resizing."""
-    top, left, height, width = random_crop_box(*clip.shape[-2:], scale, ratio, rng)
-    return _resize(clip[:, :, top : top + height, left : left + width], size)
-
-
-def center_crop(clip: torch.Tensor, size: int) -> torch.Tensor:
-    """(T, C, H, W) → (T, C, size, size): the short side resized to ``size``, centre kept."""
-    top, left, height, width = center_crop_box(*clip.shape[-2:])
-    return _resize(clip[:, :, top : top + height, left : left + width], size)
 
 
 class ClipCropper:
@@ -265,7 +229,7 @@ class ClipCropper:
                 self._draw(*rgb.shape[:2])
             top, left, height, width = self.box
             crop = torch.from_numpy(rgb).permute(2, 0, 1)[None, :, top : top + height]
-            out = _resize(crop[..., left : left + width], self.config.size)[0]
+            out = resize_square(crop[..., left : left + width], self.config.size)[0]
             return (out.flip(-1) if self.flip else out).numpy()
         if self.box is None:
             self._draw(frame.height, frame.width)
@@ -476,24 +440,54 @@ class _ClipDecoder:
             text = sample["txt"].decode("utf-8", errors="replace")
         else:
             text = str(meta.get("caption") or "")
-        if self.train:
-            select = functools.partial(segment_frame_indices, num_frames=config.num_frames, rng=rng)
-        else:
-            select = functools.partial(uniform_frame_indices, num_frames=config.num_frames)
-        cropper = ClipCropper(config, rng if self.train else None)
-        clip = torch.from_numpy(decode_clip(sample["mp4"], select=select, convert=cropper))
         item_id = meta.get("item_id")
-        return {
-            "video": clip,  # (T, C, H, W)
+        decoded = {
             "text": text,
             "key": sample["__key__"],
             "item_id": None if item_id is None else str(item_id),
             "meta": meta,
         }
+        if self.train:
+            select = functools.partial(segment_frame_indices, num_frames=config.num_frames, rng=rng)
+            # Frames at the shards' resolution; the crops are cut where the batch goes.
+            frames = decode_frames(sample["mp4"], select=select)  # T × (H, W, 3)
+            height, width = frames[0].shape[:2]
+            crops = [self._draw_crop(height, width, rng) for _ in range(config.samples_per_clip)]
+            return decoded | {"frames": frames, "crops": crops}
+        select = functools.partial(uniform_frame_indices, num_frames=config.num_frames)
+        cropper = ClipCropper(config, None)
+        clip = decode_clip(sample["mp4"], select=select, convert=cropper)
+        return decoded | {"video": torch.from_numpy(clip)}  # (T, C, H, W)
+
+    def _draw_crop(self, height: int, width: int, rng: random.Random) -> list[int]:
+        """One training sample's row of ``CROP_FIELDS``: a random box and a flip."""
+        config = self.config
+        box = random_crop_box(height, width, config.crop_scale, config.crop_ratio, rng)
+        return [*box, int(rng.random() < config.flip_prob)]
 
 
 def _sum_skipped(tallies: Sequence[tuple[list[int], int]]) -> list[int]:
     return [sum(column) for column in zip(*(skipped for skipped, _ in tallies), strict=True)]
+
+
+def _stack_frames(samples: list[dict[str, Any]]) -> torch.Tensor:
+    """Train samples' frames → (B, T, C, H, W) uint8, channels last in memory (as decoded).
+
+    One copy, by ``default_collate``, which stacks into shared memory inside a worker: no
+    extra copy to hand the batch to the main process. Clips of different sizes are
+    zero-padded at the bottom and right to the largest; their crop boxes stay inside them.
+    """
+    height = max(sample["frames"][0].shape[0] for sample in samples)
+    width = max(sample["frames"][0].shape[1] for sample in samples)
+    frames = []
+    for sample in samples:
+        for frame in sample["frames"]:
+            if frame.shape[:2] != (height, width):
+                padding = ((0, height - frame.shape[0]), (0, width - frame.shape[1]), (0, 0))
+                frame = np.pad(frame, padding)
+            frames.append(torch.from_numpy(frame))
+    stacked = default_collate(frames)  # (B·T, H, W, C)
+    return stacked.view(len(samples), -1, height, width, 3).permute(0, 1, 4, 2, 3)
 
 
 class _Collate:
@@ -513,10 +507,7 @@ class _Collate:
         )
         positions = [sample["__position__"] for sample in samples]
         tallies = [sample["__tally__"] for sample in samples]
-        return {
-            # default_collate stacks into shared memory inside a worker: no extra copy to hand
-            # the batch to the main process.
-            "video": default_collate([sample["video"] for sample in samples]),  # (B, T, C, H, W)
+        batch = {
             "input_ids": tokens["input_ids"].long(),  # (B, L)
             "attention_mask": tokens["attention_mask"].long(),  # (B, L)
             "text": texts,
@@ -531,6 +522,13 @@ class _Collate:
                 "shard_errors": sum(shard_errors for _, shard_errors in tallies),
             },
         }
+        if "frames" in samples[0]:
+            batch["video"] = _stack_frames(samples)  # (B, T, C, H, W), shards' resolution
+            batch["crops"] = torch.tensor([sample["crops"] for sample in samples])  # (B, k, 5)
+        else:
+            # stacked into shared memory inside a worker, as above
+            batch["video"] = default_collate([sample["video"] for sample in samples])
+        return batch
 
 
 def _report_leftovers(batches: Iterator[dict], decoder: _ClipDecoder, tally: _Tally):
@@ -596,7 +594,7 @@ def build_pipeline(
         ]
     stages += [
         wds.map(decoder),
-        wds.batched(config.batch_size, collation_fn=collate, partial=not train),
+        wds.batched(config.clips_per_batch(), collation_fn=collate, partial=not train),
         report_leftovers(decoder, tally),
     ]
     pipeline = wds.DataPipeline(*stages)
@@ -634,7 +632,7 @@ class VideoTextLoader:
         """Samples (good or corrupt, counted before decoding) each worker of this rank has
         consumed in the current pass, up to the last batch this process took."""
         self.delivered = dict.fromkeys((source.name for source in self.sources), 0)
-        """Samples delivered in batches, per source name."""
+        """Training samples delivered in batches, per source name (``samples_per_clip`` a clip)."""
         self.skipped = dict.fromkeys((source.name for source in self.sources), 0)
         """Corrupt samples passed over, per source name."""
         self.shard_errors = 0
@@ -680,6 +678,7 @@ class VideoTextLoader:
             dataset, batch_size=None, num_workers=config.num_workers, persistent_workers=False
         )
         names = [source.name for source in self.sources]
+        copies = config.samples_per_clip if self.train else 1
         delivered = 0
         if remaining is None or remaining > 0:
             for batch in loader:
@@ -687,7 +686,7 @@ class VideoTextLoader:
                 for name, skipped in zip(names, bookkeeping["skipped"], strict=True):
                     self.skipped[name] += skipped
                 for source in bookkeeping["sources"]:
-                    self.delivered[names[source]] += 1
+                    self.delivered[names[source]] += copies
                 self.shard_errors += bookkeeping["shard_errors"]
                 if bookkeeping["end_position"] is not None:
                     worker = bookkeeping["slot"] - self.rank * self.workers_per_rank
@@ -720,6 +719,7 @@ class VideoTextLoader:
             "rank": self.rank,
             "world_size": self.world_size,
             "num_workers": self.config.num_workers,
+            "samples_per_clip": self.config.samples_per_clip,
             "sources": {source.name: source.weight for source in self.sources},
             "epoch": self.epoch,
             "batches_in_epoch": self.batches_in_epoch,
@@ -771,7 +771,9 @@ class VideoTextLoader:
                 f"version {_STATE_VERSION}"
             )
         here = self.state_dict()
-        for field_name in ("mode", "seed", "rank", "world_size", "num_workers", "sources"):
+        # a state saved before repeated sampling: one sample per clip
+        state = {"samples_per_clip": 1} | state
+        for field_name in (*_LAYOUT_FIELDS, "sources"):
             if state[field_name] != here[field_name]:
                 raise ValueError(
                     f"reader state field {field_name!r} was {state[field_name]!r} when saved, "

@@ -383,13 +383,25 @@ def decode_clip(
     select: Callable[[int], np.ndarray] | None = None,
     convert: Callable[[av.VideoFrame], np.ndarray] | None = None,
 ) -> np.ndarray:
-    """Decode an encoded clip to ``(T, H, W, 3)`` uint8, upright.
+    """Decode an encoded clip to ``(T, H, W, 3)`` uint8, upright (``decode_frames``, stacked)."""
+    return np.stack(decode_frames(data, max_frames, threads, select, convert))
+
+
+def decode_frames(
+    data: bytes,
+    max_frames: int | None = None,
+    threads: int = 1,
+    select: Callable[[int], np.ndarray] | None = None,
+    convert: Callable[[av.VideoFrame], np.ndarray] | None = None,
+) -> list[np.ndarray]:
+    """Decode an encoded clip to a list of ``(H, W, 3)`` uint8 frames, upright.
 
     ``max_frames`` stops decoding early when the caller only needs a prefix. ``select`` maps the
     clip's frame count to the frame indices wanted (sorted, repeats allowed): every frame is
     still decoded (inter prediction needs them) but only the selected ones are converted to RGB,
     which is most of the per-frame cost for small clips. ``convert`` replaces the RGB
     conversion (e.g. ``crop_resize_planar``); the caller then owns the display rotation.
+    A repeated index gives the same array twice.
     """
     to_array = convert or upright_rgb
     frames: list[np.ndarray] = []
@@ -419,19 +431,28 @@ def decode_clip(
             # Fewer frames than the header promised (a damaged clip): select from what decoded.
             if index < 0:
                 raise VideoError("clip has no frames")
-            every_frame = decode_clip(data, threads=threads, convert=convert)
-            return every_frame[np.asarray(select(len(every_frame)))]
+            every_frame = decode_frames(data, threads=threads, convert=convert)
+            return [every_frame[i] for i in np.asarray(select(len(every_frame))).tolist()]
         frames = [rgb_by_index[i] for i in wanted.tolist()]
     elif select is not None and frames:
         frames = [frames[i] for i in np.asarray(select(len(frames))).tolist()]
     if not frames:
         raise VideoError("clip has no frames")
-    return np.stack(frames)
+    return frames
 
 
 def upright_rgb(frame: av.VideoFrame) -> np.ndarray:
-    """(H, W, 3) uint8 RGB with the display rotation applied."""
-    rgb = frame.to_ndarray(format="rgb24")
+    """(H, W, 3) uint8 RGB with the display rotation applied.
+
+    Converted by the process's kept scaler (0.2 vs 0.5 ms a 298×224 frame for
+    ``frame.to_ndarray``, which builds a scaler per frame) and returned as a view of the
+    converted frame's buffer: no copy is made here, the caller's stack makes the one copy.
+    """
+    rgb_frame = _reformatter().reformat(frame, format="rgb24")
+    plane = rgb_frame.planes[0]
+    height, width = rgb_frame.height, rgb_frame.width
+    rows = np.frombuffer(plane, np.uint8, count=height * plane.line_size)
+    rgb = rows.reshape(height, plane.line_size)[:, : width * 3].reshape(height, width, 3)
     rotation = _normalize_rotation(frame.rotation)
     return np.ascontiguousarray(np.rot90(rgb, k=rotation // 90)) if rotation else rgb
 

@@ -93,8 +93,9 @@ def preset_config(preset: str, workdir: Path, overrides: list[str] = ()) -> Pret
 
 
 def synthetic_batch(config: PretrainConfig, tokenizer, batch_size: int, seed: int = 0):
-    """A reader-style batch: random uint8 clips of the preset's size, captions padded to
-    ``data.max_text_length`` as the reader pads them."""
+    """A reader-style train batch: random uint8 clips of the preset's size, each with one
+    crop row covering the whole clip (so the training sample is the clip as it is), captions
+    padded to ``data.max_text_length`` as the reader pads them."""
     model_config = config.model.build_config().video_config
     generator = torch.Generator().manual_seed(seed)
     size, frames = model_config.image_size, model_config.num_frames
@@ -111,6 +112,7 @@ def synthetic_batch(config: PretrainConfig, tokenizer, batch_size: int, seed: in
     )
     return {
         "video": video.to(torch.uint8),  # (B, T, C, H, W)
+        "crops": torch.tensor([[[0, 0, size, size, 0]]] * batch_size),  # (B, 1, 5)
         "input_ids": tokens["input_ids"],  # (B, L)
         "attention_mask": tokens["attention_mask"],  # (B, L)
         "key": [f"clip{i}" for i in range(batch_size)],

@@ -105,7 +105,11 @@ def main() -> None:
     trainer.engine.train()
     batch_size = config.parallel.micro_batch_size
     batch = synthetic_batch(config, trainer.tokenizer, batch_size)
-    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    # the crop rows stay on the CPU, as the reader delivers them
+    batch = {
+        k: v.to(device) if k != "crops" and isinstance(v, torch.Tensor) else v
+        for k, v in batch.items()
+    }
     trainer.batches = itertools.repeat(batch)
     name, peak = peak_flops(device, args.peak_tflops)
     flops = flops_per_sample(trainer, batch)

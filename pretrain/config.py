@@ -245,6 +245,11 @@ class DataSettings:
     max_text_length: int = 32
     workers: int = 2
     """DataLoader workers per rank."""
+    samples_per_clip: int = 1
+    """Training samples cut from each decoded clip, each with its own crop, flip and tube
+    mask (repeated sampling): decode cost per sample falls by about this factor, at the price
+    of less variety per batch. Must divide ``parallel.micro_batch_size``; copies of a clip are
+    never each other's contrastive negatives."""
     shuffle_buffer: int = 1000
     pass_samples: int = 0
     """Training samples per reader pass over all ranks (0: one endless pass). A resume passes
@@ -257,6 +262,8 @@ class DataSettings:
     def __post_init__(self):
         if self.pass_samples < 0:
             raise ConfigError(f"data.pass_samples must be >= 0, got {self.pass_samples}")
+        if self.samples_per_clip < 1:
+            raise ConfigError(f"data.samples_per_clip must be >= 1, got {self.samples_per_clip}")
         for name in ("train_shards", "eval_shards"):
             sources = getattr(self, name)
             if isinstance(sources, list):
@@ -409,6 +416,12 @@ class PretrainConfig:
             self.tracking.output_dir = self.train.output_dir
         if self.objectives.matching > 0 and not self.model.matching_head:
             raise ConfigError("objectives.matching > 0 needs model.matching_head: true")
+        if self.parallel.micro_batch_size % self.data.samples_per_clip:
+            raise ConfigError(
+                f"parallel.micro_batch_size {self.parallel.micro_batch_size} is not a multiple "
+                f"of data.samples_per_clip {self.data.samples_per_clip}: a micro-batch holds "
+                "every copy of its clips"
+            )
 
 
 def load_pretrain_config(path: str | Path | None, overrides: list[str] = ()) -> PretrainConfig:

@@ -18,6 +18,7 @@ import deepspeed
 import torch
 
 from data_shards.atomic import atomic_write_text
+from data_shards.augment import expand_crops
 from data_shards.reader import ReaderConfig, build_loader
 from data_shards.sources import ShardSource
 from data_shards.text import load_tokenizer, resolve_text_model_dir
@@ -168,6 +169,7 @@ class Pretrainer(Trainer):
             seed=self.config.train.seed,
             max_text_length=data.max_text_length,
             epoch_size=data.pass_samples or None,
+            samples_per_clip=data.samples_per_clip,
         )
 
     def parameter_count(self) -> int:
@@ -190,11 +192,14 @@ class Pretrainer(Trainer):
 
     def next_micro_batch(self) -> dict[str, Any]:
         batch = next(self.batches)
-        self.state.samples_seen += len(batch["key"])
+        self.state.samples_seen += batch["crops"].shape[:2].numel()
         return batch
 
     def micro_batch_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        losses = self.objectives(self.engine, _to_device(batch, self.world.device), self.generator)
+        # the clips travel to the device once; their training crops are cut there
+        on_device = _to_device(batch, self.world.device) | {"crops": batch["crops"]}
+        samples = expand_crops(on_device, self.model_config.video_config.image_size)
+        losses = self.objectives(self.engine, samples, self.generator)
         return {name if name == "loss" else f"loss_{name}": value for name, value in losses.items()}
 
     def train_step(self) -> dict[str, float]:

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 from shard_factory import (
+    HEIGHT,
+    WIDTH,
     key_index,
     read_frame_index,
     read_sample_code,
@@ -25,11 +27,10 @@ from shard_factory import (
 )
 
 from data_shards import reader
+from data_shards.augment import center_crop, expand_crops, random_resized_crop
 from data_shards.reader import (
     ReaderConfig,
     build_loader,
-    center_crop,
-    random_resized_crop,
     segment_frame_indices,
     uniform_frame_indices,
 )
@@ -165,6 +166,63 @@ def test_batch_shapes_dtypes_and_content(tmp_path, tokenizer):
     assert loader.skipped_samples == 0
 
 
+def test_train_batches_hold_clips_at_shard_size_and_a_crop_per_sample(tmp_path, tokenizer):
+    """Three samples per clip: a batch of 6 samples is 2 clips at the shards' 40×56 with 3
+    crop rows each; expanded, each sample is its clip's pixels cut to SIZE², copies adjacent
+    and grouped, their tokens and keys repeated; the copies' boxes differ."""
+    write_shards(tmp_path, 2, 6)
+    cfg = config(tmp_path, mode="train", batch_size=6, samples_per_clip=3, epoch_size=24)
+    boxes = set()
+    for batch in build_loader(cfg, tokenizer=tokenizer):
+        assert batch["video"].shape == (2, FRAMES, 3, HEIGHT, WIDTH)
+        assert batch["crops"].shape == (2, 3, 5) and batch["crops"].dtype == torch.long
+        top, left, height, width, flip = batch["crops"].reshape(-1, 5).T
+        assert bool((top >= 0).all() and (top + height <= HEIGHT).all())
+        assert bool((left >= 0).all() and (left + width <= WIDTH).all())
+        assert set(flip.tolist()) <= {0, 1}
+        boxes.update(map(tuple, batch["crops"][:, :, :4].reshape(-1, 4).tolist()))
+        samples = expand_crops(batch, SIZE)
+        assert samples["video"].shape == (6, FRAMES, 3, SIZE, SIZE)
+        assert samples["clip_group"].tolist() == [0, 0, 0, 1, 1, 1]
+        assert samples["key"] == [batch["key"][0]] * 3 + [batch["key"][1]] * 3
+        assert torch.equal(samples["input_ids"][:3], batch["input_ids"][:1].expand(3, -1))
+        assert "crops" not in samples
+    assert len(boxes) > 12  # 24 samples, nearly all boxes drawn apart
+
+
+def test_expand_crops_cuts_resizes_and_flips_each_row():
+    """Against interpolate on hand-cut regions: row r of clip c is clip c's box, resized,
+    mirrored when its flip is set."""
+    generator = torch.Generator().manual_seed(0)
+    video = torch.randint(0, 256, (2, 3, 3, 20, 30), dtype=torch.uint8, generator=generator)
+    crops = torch.tensor(
+        [[[0, 0, 20, 30, 0], [4, 10, 8, 8, 1]], [[2, 3, 16, 16, 0], [0, 0, 8, 30, 1]]]
+    )
+    text = {"input_ids": torch.arange(4).view(2, 2), "attention_mask": torch.ones(2, 2).long()}
+    samples = expand_crops({"video": video, "crops": crops, **text}, 12)
+    for index, (top, left, height, width, flip) in enumerate(crops.reshape(-1, 5).tolist()):
+        region = video[index // 2, :, :, top : top + height, left : left + width]
+        expected = torch.nn.functional.interpolate(
+            region, size=(12, 12), mode="bilinear", antialias=height > 12 or width > 12
+        )
+        if flip:
+            expected = expected.flip(-1)
+        assert torch.equal(samples["video"][index], expected), index
+    assert samples["input_ids"].tolist() == [[0, 1], [0, 1], [2, 3], [2, 3]]
+
+
+def test_samples_per_clip_must_divide_the_batch():
+    with pytest.raises(ValueError, match="batch_size 5 is not a multiple of samples_per_clip 2"):
+        ReaderConfig(shards="x", mode="train", batch_size=5, samples_per_clip=2)
+    with pytest.raises(ValueError, match="samples_per_clip must be at least 1"):
+        ReaderConfig(shards="x", samples_per_clip=0)
+    # eval reads each clip once, whatever the training setting
+    assert (
+        ReaderConfig(shards="x", mode="eval", batch_size=5, samples_per_clip=2).clips_per_batch()
+        == 5
+    )
+
+
 def test_eval_frames_are_uniform(tmp_path, tokenizer):
     write_shards(tmp_path, 1, 3, num_frames=12)
     batch = next(iter(build_loader(config(tmp_path, num_frames=4), tokenizer=tokenizer)))
@@ -236,7 +294,8 @@ def test_train_augmentation_is_seeded(tmp_path, tokenizer):
 
     def run(seed):
         cfg = config(tmp_path, mode="train", seed=seed, num_workers=2, epoch_size=16)
-        return [(b["key"], b["video"]) for b in build_loader(cfg, tokenizer=tokenizer)]
+        loader = build_loader(cfg, tokenizer=tokenizer)
+        return [(b["key"], expand_crops(b, SIZE)["video"]) for b in loader]
 
     first, again, other = run(0), run(0), run(1)
     assert len(first) == 4
@@ -348,19 +407,22 @@ def test_reads_from_pipe(tmp_path, tokenizer):
     assert keys == written.keys
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_train_resume_replays_the_uninterrupted_stream(tmp_path, tokenizer, num_workers):
+@pytest.mark.parametrize("num_workers, copies", [(0, 1), (2, 1), (2, 2)])
+def test_train_resume_replays_the_uninterrupted_stream(tmp_path, tokenizer, num_workers, copies):
     """Stopped after b batches (any b, so any worker's turn) and resumed from the saved state,
-    the loader yields the very batches, videos included, that the straight pass yields after
-    b, through the end of the pass and into the next; corrupt samples are counted once."""
+    the loader yields the very batches, videos and crops included, that the straight pass
+    yields after b, through the end of the pass and into the next; corrupt samples are
+    counted once; with several samples per clip as with one."""
     write_shards(tmp_path, 3, 5, corrupt_every=7)
-    cfg = config(tmp_path, mode="train", num_workers=num_workers, epoch_size=40)
+    cfg = config(
+        tmp_path, mode="train", num_workers=num_workers, epoch_size=40, samples_per_clip=copies
+    )
 
     def batches(loader, count):
         taken = []
         while len(taken) < count:  # passes after passes, as the trainer reads
             for batch in loader:
-                taken.append((batch["key"], batch["video"]))
+                taken.append((batch["key"], batch["video"], batch["crops"]))
                 if len(taken) == count:
                     break
         return taken
@@ -375,8 +437,13 @@ def test_train_resume_replays_the_uninterrupted_stream(tmp_path, tokenizer, num_
         resumed = build_loader(cfg, tokenizer=tokenizer)
         resumed.load_state_dict(state)
         after = batches(resumed, 14 - stop)
-        for (keys_a, video_a), (keys_b, video_b) in zip(after, straight[stop:], strict=True):
+        for (keys_a, video_a, crops_a), (keys_b, video_b, crops_b) in zip(
+            after, straight[stop:], strict=True
+        ):
             assert keys_a == keys_b and torch.equal(video_a, video_b)
+            assert torch.equal(crops_a, crops_b)
+    # 4 samples a batch, 4 / copies clips
+    assert {len(keys) for keys, _, _ in straight} == {4 // copies}
     # 15 samples with 2 corrupt; each met once whatever the interruption
     assert resumed.skipped == straight_loader.skipped
     assert resumed.delivered == straight_loader.delivered == {"default": 14 * 4}

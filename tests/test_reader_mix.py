@@ -72,6 +72,22 @@ def test_a_zero_weight_source_is_never_read(tmp_path, tokenizer):
     assert loader.delivered == {"a": 50, "b": 0}
 
 
+def test_per_source_counts_are_training_samples_with_several_per_clip(tmp_path, tokenizer):
+    """Two samples per decoded clip: a source's count is the training samples it gave, twice
+    its clips, and the pass still ends after ``epoch_size`` samples."""
+    write_shards(tmp_path / "a", 2, 4, num_frames=4)
+    write_shards(tmp_path / "b", 3, 2, num_frames=4, start_index=100)
+    sources = [ShardSource("a", str(tmp_path / "a"), 1), ShardSource("b", str(tmp_path / "b"), 1)]
+    cfg = mix_config(sources, batch_size=10, samples_per_clip=2, epoch_size=60)
+    loader = build_loader(cfg, tokenizer=tokenizer)
+    clips = Counter(
+        "a" if key_index(key) < 100 else "b" for batch in loader for key in batch["key"]
+    )
+    assert sum(clips.values()) == 30
+    assert loader.delivered == {name: 2 * count for name, count in clips.items()}
+    assert min(clips.values()) > 0
+
+
 @pytest.mark.parametrize(
     ("sources", "message"),
     [
