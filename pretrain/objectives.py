@@ -119,15 +119,51 @@ class ClipLoss(nn.Module):
 
 
 def clip_loss(
-    video_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor
+    video_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor,
+    groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Single-process symmetric InfoNCE; row i of each input is the matching pair."""
+    """Single-process symmetric InfoNCE; row i of each input is the matching pair.
+
+    ``groups`` (N,) long: rows with equal ids are copies of one clip (repeated sampling), which
+    are not negatives of each other; see ``_copies_cross_entropy``.
+    """
+    if groups is not None and groups.shape != video_embeds.shape[:1]:
+        raise ValueError(f"groups {tuple(groups.shape)} for {video_embeds.shape[0]} rows")
     # float32 logits: bf16 softmax over a large global batch loses the small differences
     logits_per_video = logit_scale.float() * video_embeds.float() @ text_embeds.float().T  # (N, N)
+    if groups is not None:
+        return (
+            _copies_cross_entropy(logits_per_video, groups)
+            + _copies_cross_entropy(logits_per_video.T, groups)
+        ) / 2
     targets = torch.arange(logits_per_video.shape[0], device=logits_per_video.device)
     return (
         F.cross_entropy(logits_per_video, targets) + F.cross_entropy(logits_per_video.T, targets)
     ) / 2
+
+
+def _copies_cross_entropy(logits: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of row i of (N, N) ``logits`` against column i, averaged over clips.
+
+    Row i of clip g: g's other copies leave the softmax, another clip h enters it as the mean
+    of exp(logit) over h's copies, and each clip weighs 1 whatever its number of copies. When
+    the copies of every clip are identical, this is exactly the loss of the de-duplicated rows.
+    """
+    same = groups[:, None] == groups[None, :]  # (N, N) row and column are copies of one clip
+    own = torch.eye(len(groups), dtype=torch.bool, device=logits.device)  # (N, N)
+    copies = same.sum(dim=1)  # (N,) copies of each row's clip
+    # log-mean-exp over clip h's copies: each of h's columns gives up log(copies of h)
+    logits = torch.where(same, logits, logits - copies.float().log()[None, :])
+    # another copy is the same video and caption: not a negative
+    logits = logits.masked_fill(same & ~own, float("-inf"))
+    targets = torch.arange(logits.shape[0], device=logits.device)
+    per_row = F.cross_entropy(logits, targets, reduction="none")  # (N,)
+    # a clip is counted at its first copy, the row no earlier row shares an id with
+    # (no host sync, unlike torch.unique on a GPU)
+    num_clips = (~same.tril(diagonal=-1).any(dim=1)).sum()
+    return (per_row / copies).sum() / num_clips
 
 
 # ----------------------------------------------------------------------------- masked video

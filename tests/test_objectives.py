@@ -59,6 +59,104 @@ def test_clip_loss_low_for_aligned_pairs_high_for_shuffled():
     assert clip_loss(embeds, shuffled, scale).item() > 50
 
 
+def reference_copies_clip_loss(video, text, scale, groups):
+    """``clip_loss`` with ``groups`` written out with loops: for row i of clip g, g's other
+    copies are left out, each copy of another clip h adds exp(logit) / (copies of h) to the
+    denominator, row i weighs 1 / (copies of g), the sum is divided by the number of clips."""
+    n = len(video)
+    sim = [[scale * sum(a * b for a, b in zip(v, t, strict=True)) for t in text] for v in video]
+    copies = [groups.count(g) for g in groups]
+
+    def cross_entropy(rows):
+        total = 0.0
+        for i, row in enumerate(rows):
+            denominator = math.exp(row[i])
+            for j, x in enumerate(row):
+                if groups[j] != groups[i]:
+                    denominator += math.exp(x) / copies[j]
+            total += -(row[i] - math.log(denominator)) / copies[i]
+        return total / len(set(groups))
+
+    columns = [[sim[i][j] for i in range(n)] for j in range(n)]
+    return (cross_entropy(sim) + cross_entropy(columns)) / 2
+
+
+def unit_rows(rows, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(rows, 5, generator=generator), dim=-1)
+
+
+def test_clip_loss_with_copies_matches_hand_written_reference():
+    # different embeddings for the copies, unequal and interleaved groups: pins the weighting
+    video, text, scale = unit_rows(6, 10), unit_rows(6, 11), 3.0
+    groups = [4, 1, 4, 0, 1, 1]  # ids are labels: clip 4 twice, clip 1 three times, clip 0 once
+    expected = reference_copies_clip_loss(video.tolist(), text.tolist(), scale, groups)
+    loss = clip_loss(video, text, torch.tensor(scale), torch.tensor(groups))
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    # singleton groups are the plain loss
+    singletons = reference_copies_clip_loss(video.tolist(), text.tolist(), scale, list(range(6)))
+    assert singletons == pytest.approx(reference_clip_loss(video.tolist(), text.tolist(), scale))
+
+
+@pytest.mark.parametrize(
+    "index",
+    [
+        [0, 0, 1, 1, 2, 2, 3, 3],  # every clip twice
+        [1, 2, 0, 1, 2, 1],  # 1, 3 and 2 copies, interleaved
+    ],
+)
+def test_identical_copies_give_the_deduplicated_loss_and_gradient(index):
+    index = torch.tensor(index)
+    unique_video = unit_rows(int(index.max()) + 1, 12).requires_grad_()
+    unique_text = unit_rows(int(index.max()) + 1, 13).requires_grad_()
+    scale = torch.tensor(4.0, requires_grad=True)
+    inputs = (unique_video, unique_text, scale)
+
+    deduplicated = clip_loss(unique_video, unique_text, scale)
+    copies = clip_loss(unique_video[index], unique_text[index], scale, groups=index)
+    assert copies.item() == pytest.approx(deduplicated.item(), rel=1e-6)
+    # the copies are made by indexing, so autograd sums each clip's copies' gradients
+    for expected, grad in zip(
+        torch.autograd.grad(deduplicated, inputs), torch.autograd.grad(copies, inputs), strict=True
+    ):
+        torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-7)
+    # without the groups the copies are each other's negatives: another loss
+    plain = clip_loss(unique_video[index], unique_text[index], scale)
+    assert abs(plain.item() - deduplicated.item()) > 0.1
+
+
+def test_a_copy_of_the_same_clip_has_no_say_in_the_loss():
+    # video = identity and scale 1, so logits[i, j] = text[j, i]: the gradient w.r.t. text
+    # is the gradient w.r.t. the logits, transposed
+    groups = torch.tensor([0, 1, 0, 2, 1, 1])
+    video = torch.eye(6)
+    text = torch.randn(6, 6, generator=torch.Generator().manual_seed(14), requires_grad=True)
+    clip_loss(video, text, torch.tensor(1.0), groups).backward()
+    grad_logits = text.grad.T
+    other_copy = (groups[:, None] == groups[None, :]) & ~torch.eye(6, dtype=torch.bool)
+    assert (grad_logits[other_copy] == 0).all()
+    assert (grad_logits[~other_copy] != 0).all()
+
+
+def test_clip_loss_without_groups_is_unchanged():
+    video, text, scale = unit_rows(8, 15), unit_rows(8, 16), torch.tensor(2.7)
+    # the formula before groups existed, bit for bit
+    logits = scale.float() * video.float() @ text.float().T
+    targets = torch.arange(8)
+    before = (
+        torch.nn.functional.cross_entropy(logits, targets)
+        + torch.nn.functional.cross_entropy(logits.T, targets)
+    ) / 2
+    assert torch.equal(clip_loss(video, text, scale), before)
+    assert torch.equal(clip_loss(video, text, scale, groups=None), before)
+    # all-distinct groups: the same loss through the other path
+    assert clip_loss(video, text, scale, torch.arange(8)).item() == pytest.approx(
+        before.item(), rel=1e-6
+    )
+    with pytest.raises(ValueError):
+        clip_loss(video, text, scale, torch.arange(7))
+
+
 def test_weighted_total_skips_missing_and_zero_weight_objectives():
     losses = {"contrastive": torch.tensor(2.0), "masked_video": torch.tensor(3.0)}
     losses["masked_language"] = None
