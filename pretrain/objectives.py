@@ -85,6 +85,8 @@ class ClipLoss(nn.Module):
     * ``logit_scale`` is not gathered: each rank's gradient for it is dL/ds already and the
       average keeps it. Local losses (MLM, MVM: means over the local batch) averaged over
       equal-size ranks give the global mean, so a weighted sum with this loss stays exact.
+    * Copies of one clip (``groups``) change none of this: every rank gathers the same global
+      ids, hence computes the same L.
     """
 
     def __init__(self, rank: int = 0, world_size: int = 1, gather_with_grad: bool = True):
@@ -106,16 +108,34 @@ class ClipLoss(nn.Module):
         gathered[self.rank] = _scale_grad(local, self.world_size)
         return torch.cat(gathered, dim=0)
 
+    def global_groups(self, local: torch.Tensor) -> torch.Tensor:
+        """Local copy ids (B,) in [0, B) on each rank → (W·B,) ids, rank r's offset by r·B.
+
+        Ranks decode different clips, so equal local ids of two ranks must not meet; ids carry
+        no gradient. Ids outside [0, B) could collide with another rank's and are not checked
+        (a check would cost a host sync every step).
+        """
+        if self.world_size == 1:
+            return local
+        gathered = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(gathered, local.contiguous())
+        return torch.cat([ids + rank * len(local) for rank, ids in enumerate(gathered)])
+
     def forward(
         self,
         video_embeds: torch.Tensor,
         text_embeds: torch.Tensor,
         logit_scale: torch.Tensor,
+        groups: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Loss from L2-normalized local embeddings (B, E) and the (clamped) logit scale."""
+        """Loss from L2-normalized local embeddings (B, E) and the (clamped) logit scale.
+
+        ``groups`` (B,) long marks the local copies of one clip (equal ids in [0, B)).
+        """
         all_video = self.gather(video_embeds)  # (N, E)
         all_text = self.gather(text_embeds)  # (N, E)
-        return clip_loss(all_video, all_text, logit_scale)
+        all_groups = None if groups is None else self.global_groups(groups)  # (N,)
+        return clip_loss(all_video, all_text, logit_scale, all_groups)
 
 
 def clip_loss(

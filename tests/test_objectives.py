@@ -1,5 +1,6 @@
 """Objectives against hand computations, and the 2-rank contrastive loss against 1 process."""
 
+import functools
 import math
 import os
 import socket
@@ -149,6 +150,7 @@ def test_clip_loss_without_groups_is_unchanged():
     ) / 2
     assert torch.equal(clip_loss(video, text, scale), before)
     assert torch.equal(clip_loss(video, text, scale, groups=None), before)
+    assert torch.equal(ClipLoss()(video, text, scale, groups=None), before)
     # all-distinct groups: the same loss through the other path
     assert clip_loss(video, text, scale, torch.arange(8)).item() == pytest.approx(
         before.item(), rel=1e-6
@@ -339,22 +341,37 @@ def toy_step(model, video_in, text_in, loss_fn):
     return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
+LOCAL_COPIES = [3, 0, 3, 3]
+"""Local copy ids, the same on every rank: clip 3 three times, clip 0 once. Only the rank offset
+keeps rank 0's clip 3 apart from rank 1's."""
+
+
+def copies_rows(rank, per_rank):
+    """Rows of the toy batch that rank ``rank`` holds as copies; they are also the global ids."""
+    return rank * per_rank + torch.tensor(LOCAL_COPIES)
+
+
 def _two_rank_worker(rank, world_size, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         results = {}
-        for gather_with_grad in (True, False):
-            video_in, text_in, model = toy_problem()
-            per_rank = GLOBAL_BATCH // world_size
-            local = slice(rank * per_rank, (rank + 1) * per_rank)
-            loss_fn = ClipLoss(rank, world_size, gather_with_grad=gather_with_grad)
-            loss, grads = toy_step(model, video_in[local], text_in[local], loss_fn)
-            # what DeepSpeed / DDP do after backward: average the gradients over ranks
-            for grad in grads.values():
-                dist.all_reduce(grad)
-                grad /= world_size
-            results[gather_with_grad] = (loss, grads)
+        for copies in (False, True):
+            for gather_with_grad in (True, False):
+                video_in, text_in, model = toy_problem()
+                per_rank = GLOBAL_BATCH // world_size
+                loss_fn = ClipLoss(rank, world_size, gather_with_grad=gather_with_grad)
+                if copies:
+                    rows = copies_rows(rank, per_rank)
+                    loss_fn = functools.partial(loss_fn, groups=torch.tensor(LOCAL_COPIES))
+                else:
+                    rows = slice(rank * per_rank, (rank + 1) * per_rank)
+                loss, grads = toy_step(model, video_in[rows], text_in[rows], loss_fn)
+                # what DeepSpeed / DDP do after backward: average the gradients over ranks
+                for grad in grads.values():
+                    dist.all_reduce(grad)
+                    grad /= world_size
+                results[copies, gather_with_grad] = (loss, grads)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -366,19 +383,54 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def test_two_ranks_equal_one_process(tmp_path):
-    """Gloo ranks on 127.0.0.1, both gather modes, against the loss on the whole batch."""
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory):
+    """Gloo ranks on 127.0.0.1, started once: {(copies, gather_with_grad): (loss, grads)}."""
+    out_dir = tmp_path_factory.mktemp("two_ranks")
+    mp.spawn(_two_rank_worker, args=(2, free_port(), str(out_dir)), nprocs=2, join=True)
+    return [torch.load(out_dir / f"rank{rank}.pt") for rank in (0, 1)]
+
+
+def assert_ranks_match(results, reference_loss, reference_grads):
+    for gather_with_grad, (loss, grads) in results.items():
+        # each rank reports the global loss
+        assert loss == pytest.approx(reference_loss, rel=1e-6), gather_with_grad
+        for name, grad in reference_grads.items():
+            torch.testing.assert_close(
+                grads[name], grad, rtol=1e-5, atol=1e-6, msg=f"{name} {gather_with_grad}"
+            )
+
+
+def test_two_ranks_equal_one_process(two_rank_results):
+    """Both gather modes, against the loss on the whole batch."""
     video_in, text_in, model = toy_problem()
     reference_loss, reference_grads = toy_step(model, video_in, text_in, ClipLoss())
+    for results in two_rank_results:
+        assert_ranks_match(
+            {mode: value for (copies, mode), value in results.items() if not copies},
+            reference_loss,
+            reference_grads,
+        )
 
-    mp.spawn(_two_rank_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
 
-    for rank in (0, 1):
-        results = torch.load(tmp_path / f"rank{rank}.pt")
-        for gather_with_grad, (loss, grads) in results.items():
-            # each rank reports the global loss
-            assert loss == pytest.approx(reference_loss, rel=1e-6), gather_with_grad
-            for name, grad in reference_grads.items():
-                torch.testing.assert_close(
-                    grads[name], grad, rtol=1e-5, atol=1e-6, msg=f"{name} {gather_with_grad}"
-                )
+def test_two_ranks_with_copies_equal_one_process_and_deduplicated(two_rank_results):
+    """Local copy ids on 2 ranks, both gather modes, against one process holding both ranks'
+    rows with global ids, and against the de-duplicated clips without groups."""
+    rows = torch.cat([copies_rows(rank, GLOBAL_BATCH // 2) for rank in (0, 1)])  # (8,)
+    video_in, text_in, model = toy_problem()
+    reference_loss, reference_grads = toy_step(
+        model, video_in[rows], text_in[rows], functools.partial(ClipLoss(), groups=rows)
+    )
+    video_in, text_in, model = toy_problem()
+    unique = rows.unique()  # clips 0, 3, 4, 7
+    dedup_loss, dedup_grads = toy_step(model, video_in[unique], text_in[unique], ClipLoss())
+    assert reference_loss == pytest.approx(dedup_loss, rel=1e-6)
+    for name, grad in dedup_grads.items():
+        torch.testing.assert_close(reference_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+    for results in two_rank_results:
+        assert_ranks_match(
+            {mode: value for (copies, mode), value in results.items() if copies},
+            reference_loss,
+            reference_grads,
+        )
