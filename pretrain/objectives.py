@@ -381,7 +381,9 @@ class PretrainObjectives:
         self, model, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
         """``batch``: video (B, T, C, H, W) uint8, input_ids and attention_mask (B, L), on the
-        model's device. Returns each computed objective by name and their weighted sum "loss".
+        model's device, and optionally clip_group (B,) long: equal ids mark copies of one clip
+        (repeated sampling), which the contrastive loss keeps from being negatives of each
+        other. Returns each computed objective by name and their weighted sum "loss".
         ``model`` may be the bare model or a wrapper that forwards keyword arguments (DeepSpeed).
         """
         weights = self.weights
@@ -412,7 +414,12 @@ class PretrainObjectives:
         )
         losses = {
             "contrastive": (
-                self.clip_loss(output.video_embeds, output.text_embeds, output.logit_scale)
+                self.clip_loss(
+                    output.video_embeds,
+                    output.text_embeds,
+                    output.logit_scale,
+                    groups=batch.get("clip_group"),
+                )
                 if weights.contrastive > 0
                 else None
             ),

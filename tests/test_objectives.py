@@ -5,6 +5,7 @@ import math
 import os
 import socket
 import statistics
+import types
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from pretrain.objectives import (
     IGNORE_INDEX,
     ClipLoss,
     ObjectiveWeights,
+    PretrainObjectives,
     clip_loss,
     mask_tokens,
     masked_language_loss,
@@ -157,6 +159,41 @@ def test_clip_loss_without_groups_is_unchanged():
     )
     with pytest.raises(ValueError):
         clip_loss(video, text, scale, torch.arange(7))
+
+
+def test_pretrain_objectives_pass_the_batch_clip_groups_to_the_contrastive_loss():
+    video, text, scale = unit_rows(4, 17), unit_rows(4, 18), torch.tensor(3.0)
+    groups = torch.tensor([0, 1, 0, 2])
+
+    def contrastive_only_model(**inputs):
+        return types.SimpleNamespace(
+            video_embeds=video,
+            text_embeds=text,
+            logit_scale=scale,
+            masked_video_loss=None,
+            masked_language_loss=None,
+            matching_loss=None,
+        )
+
+    objectives = PretrainObjectives(
+        ClipLoss(),
+        ObjectiveWeights(contrastive=1.0, masked_video=0.0, masked_language=0.0),
+        (1, 2, 2),
+        mask_token_id=MASK,
+        vocab_size=VOCAB,
+        special_token_ids=[PAD, CLS, SEP, MASK],
+    )
+    batch = {
+        "video": torch.zeros(4, 2, 3, 4, 4, dtype=torch.uint8),
+        "input_ids": torch.full((4, 3), 200),
+        "attention_mask": torch.ones(4, 3, dtype=torch.long),
+    }
+    with_copies = clip_loss(video, text, scale, groups)
+    plain = clip_loss(video, text, scale)
+    assert with_copies.item() != pytest.approx(plain.item(), rel=1e-3)
+    losses = objectives(contrastive_only_model, {**batch, "clip_group": groups})
+    assert torch.equal(losses["contrastive"], with_copies)
+    assert torch.equal(objectives(contrastive_only_model, batch)["contrastive"], plain)
 
 
 def test_weighted_total_skips_missing_and_zero_weight_objectives():
