@@ -85,6 +85,8 @@ class ClipLoss(nn.Module):
     * ``logit_scale`` is not gathered: each rank's gradient for it is dL/ds already and the
       average keeps it. Local losses (MLM, MVM: means over the local batch) averaged over
       equal-size ranks give the global mean, so a weighted sum with this loss stays exact.
+    * Copies of one clip (``groups``) change none of this: every rank gathers the same global
+      ids, hence computes the same L.
     """
 
     def __init__(self, rank: int = 0, world_size: int = 1, gather_with_grad: bool = True):
@@ -106,28 +108,82 @@ class ClipLoss(nn.Module):
         gathered[self.rank] = _scale_grad(local, self.world_size)
         return torch.cat(gathered, dim=0)
 
+    def global_groups(self, local: torch.Tensor) -> torch.Tensor:
+        """Local copy ids (B,) in [0, B) on each rank → (W·B,) ids, rank r's offset by r·B.
+
+        Ranks decode different clips, so equal local ids of two ranks must not meet; ids carry
+        no gradient. Ids outside [0, B) could collide with another rank's and are not checked
+        (a check would cost a host sync every step).
+        """
+        if self.world_size == 1:
+            return local
+        gathered = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(gathered, local.contiguous())
+        return torch.cat([ids + rank * len(local) for rank, ids in enumerate(gathered)])
+
     def forward(
         self,
         video_embeds: torch.Tensor,
         text_embeds: torch.Tensor,
         logit_scale: torch.Tensor,
+        groups: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Loss from L2-normalized local embeddings (B, E) and the (clamped) logit scale."""
+        """Loss from L2-normalized local embeddings (B, E) and the (clamped) logit scale.
+
+        ``groups`` (B,) long marks the local copies of one clip (equal ids in [0, B)).
+        """
         all_video = self.gather(video_embeds)  # (N, E)
         all_text = self.gather(text_embeds)  # (N, E)
-        return clip_loss(all_video, all_text, logit_scale)
+        all_groups = None if groups is None else self.global_groups(groups)  # (N,)
+        return clip_loss(all_video, all_text, logit_scale, all_groups)
 
 
 def clip_loss(
-    video_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor
+    video_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor,
+    groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Single-process symmetric InfoNCE; row i of each input is the matching pair."""
+    """Single-process symmetric InfoNCE; row i of each input is the matching pair.
+
+    ``groups`` (N,) long: rows with equal ids are copies of one clip (repeated sampling), which
+    are not negatives of each other; see ``_copies_cross_entropy``.
+    """
+    if groups is not None and groups.shape != video_embeds.shape[:1]:
+        raise ValueError(f"groups {tuple(groups.shape)} for {video_embeds.shape[0]} rows")
     # float32 logits: bf16 softmax over a large global batch loses the small differences
     logits_per_video = logit_scale.float() * video_embeds.float() @ text_embeds.float().T  # (N, N)
+    if groups is not None:
+        return (
+            _copies_cross_entropy(logits_per_video, groups)
+            + _copies_cross_entropy(logits_per_video.T, groups)
+        ) / 2
     targets = torch.arange(logits_per_video.shape[0], device=logits_per_video.device)
     return (
         F.cross_entropy(logits_per_video, targets) + F.cross_entropy(logits_per_video.T, targets)
     ) / 2
+
+
+def _copies_cross_entropy(logits: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of row i of (N, N) ``logits`` against column i, averaged over clips.
+
+    Row i of clip g: g's other copies leave the softmax, another clip h enters it as the mean
+    of exp(logit) over h's copies, and each clip weighs 1 whatever its number of copies. When
+    the copies of every clip are identical, this is exactly the loss of the de-duplicated rows.
+    """
+    same = groups[:, None] == groups[None, :]  # (N, N) row and column are copies of one clip
+    own = torch.eye(len(groups), dtype=torch.bool, device=logits.device)  # (N, N)
+    copies = same.sum(dim=1)  # (N,) copies of each row's clip
+    # log-mean-exp over clip h's copies: each of h's columns gives up log(copies of h)
+    logits = torch.where(same, logits, logits - copies.float().log()[None, :])
+    # another copy is the same video and caption: not a negative
+    logits = logits.masked_fill(same & ~own, float("-inf"))
+    targets = torch.arange(logits.shape[0], device=logits.device)
+    per_row = F.cross_entropy(logits, targets, reduction="none")  # (N,)
+    # a clip is counted at its first copy, the row no earlier row shares an id with
+    # (no host sync, unlike torch.unique on a GPU)
+    num_clips = (~same.tril(diagonal=-1).any(dim=1)).sum()
+    return (per_row / copies).sum() / num_clips
 
 
 # ----------------------------------------------------------------------------- masked video
@@ -325,7 +381,9 @@ class PretrainObjectives:
         self, model, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
         """``batch``: video (B, T, C, H, W) uint8, input_ids and attention_mask (B, L), on the
-        model's device. Returns each computed objective by name and their weighted sum "loss".
+        model's device, and optionally clip_group (B,) long: equal ids mark copies of one clip
+        (repeated sampling), which the contrastive loss keeps from being negatives of each
+        other. Returns each computed objective by name and their weighted sum "loss".
         ``model`` may be the bare model or a wrapper that forwards keyword arguments (DeepSpeed).
         """
         weights = self.weights
@@ -356,7 +414,12 @@ class PretrainObjectives:
         )
         losses = {
             "contrastive": (
-                self.clip_loss(output.video_embeds, output.text_embeds, output.logit_scale)
+                self.clip_loss(
+                    output.video_embeds,
+                    output.text_embeds,
+                    output.logit_scale,
+                    groups=batch.get("clip_group"),
+                )
                 if weights.contrastive > 0
                 else None
             ),

@@ -1,9 +1,11 @@
 """Objectives against hand computations, and the 2-rank contrastive loss against 1 process."""
 
+import functools
 import math
 import os
 import socket
 import statistics
+import types
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from pretrain.objectives import (
     IGNORE_INDEX,
     ClipLoss,
     ObjectiveWeights,
+    PretrainObjectives,
     clip_loss,
     mask_tokens,
     masked_language_loss,
@@ -57,6 +60,140 @@ def test_clip_loss_low_for_aligned_pairs_high_for_shuffled():
     assert clip_loss(embeds, embeds, scale).item() < 1e-6
     shuffled = embeds[torch.tensor([1, 2, 3, 4, 5, 0])]
     assert clip_loss(embeds, shuffled, scale).item() > 50
+
+
+def reference_copies_clip_loss(video, text, scale, groups):
+    """``clip_loss`` with ``groups`` written out with loops: for row i of clip g, g's other
+    copies are left out, each copy of another clip h adds exp(logit) / (copies of h) to the
+    denominator, row i weighs 1 / (copies of g), the sum is divided by the number of clips."""
+    n = len(video)
+    sim = [[scale * sum(a * b for a, b in zip(v, t, strict=True)) for t in text] for v in video]
+    copies = [groups.count(g) for g in groups]
+
+    def cross_entropy(rows):
+        total = 0.0
+        for i, row in enumerate(rows):
+            denominator = math.exp(row[i])
+            for j, x in enumerate(row):
+                if groups[j] != groups[i]:
+                    denominator += math.exp(x) / copies[j]
+            total += -(row[i] - math.log(denominator)) / copies[i]
+        return total / len(set(groups))
+
+    columns = [[sim[i][j] for i in range(n)] for j in range(n)]
+    return (cross_entropy(sim) + cross_entropy(columns)) / 2
+
+
+def unit_rows(rows, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(rows, 5, generator=generator), dim=-1)
+
+
+def test_clip_loss_with_copies_matches_hand_written_reference():
+    # different embeddings for the copies, unequal and interleaved groups: pins the weighting
+    video, text, scale = unit_rows(6, 10), unit_rows(6, 11), 3.0
+    groups = [4, 1, 4, 0, 1, 1]  # ids are labels: clip 4 twice, clip 1 three times, clip 0 once
+    expected = reference_copies_clip_loss(video.tolist(), text.tolist(), scale, groups)
+    loss = clip_loss(video, text, torch.tensor(scale), torch.tensor(groups))
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    # singleton groups are the plain loss
+    singletons = reference_copies_clip_loss(video.tolist(), text.tolist(), scale, list(range(6)))
+    assert singletons == pytest.approx(reference_clip_loss(video.tolist(), text.tolist(), scale))
+
+
+@pytest.mark.parametrize(
+    "index",
+    [
+        [0, 0, 1, 1, 2, 2, 3, 3],  # every clip twice
+        [1, 2, 0, 1, 2, 1],  # 1, 3 and 2 copies, interleaved
+    ],
+)
+def test_identical_copies_give_the_deduplicated_loss_and_gradient(index):
+    index = torch.tensor(index)
+    unique_video = unit_rows(int(index.max()) + 1, 12).requires_grad_()
+    unique_text = unit_rows(int(index.max()) + 1, 13).requires_grad_()
+    scale = torch.tensor(4.0, requires_grad=True)
+    inputs = (unique_video, unique_text, scale)
+
+    deduplicated = clip_loss(unique_video, unique_text, scale)
+    copies = clip_loss(unique_video[index], unique_text[index], scale, groups=index)
+    assert copies.item() == pytest.approx(deduplicated.item(), rel=1e-6)
+    # the copies are made by indexing, so autograd sums each clip's copies' gradients
+    for expected, grad in zip(
+        torch.autograd.grad(deduplicated, inputs), torch.autograd.grad(copies, inputs), strict=True
+    ):
+        torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-7)
+    # without the groups the copies are each other's negatives: another loss
+    plain = clip_loss(unique_video[index], unique_text[index], scale)
+    assert abs(plain.item() - deduplicated.item()) > 0.1
+
+
+def test_a_copy_of_the_same_clip_has_no_say_in_the_loss():
+    # video = identity and scale 1, so logits[i, j] = text[j, i]: the gradient w.r.t. text
+    # is the gradient w.r.t. the logits, transposed
+    groups = torch.tensor([0, 1, 0, 2, 1, 1])
+    video = torch.eye(6)
+    text = torch.randn(6, 6, generator=torch.Generator().manual_seed(14), requires_grad=True)
+    clip_loss(video, text, torch.tensor(1.0), groups).backward()
+    grad_logits = text.grad.T
+    other_copy = (groups[:, None] == groups[None, :]) & ~torch.eye(6, dtype=torch.bool)
+    assert (grad_logits[other_copy] == 0).all()
+    assert (grad_logits[~other_copy] != 0).all()
+
+
+def test_clip_loss_without_groups_is_unchanged():
+    video, text, scale = unit_rows(8, 15), unit_rows(8, 16), torch.tensor(2.7)
+    # the formula before groups existed, bit for bit
+    logits = scale.float() * video.float() @ text.float().T
+    targets = torch.arange(8)
+    before = (
+        torch.nn.functional.cross_entropy(logits, targets)
+        + torch.nn.functional.cross_entropy(logits.T, targets)
+    ) / 2
+    assert torch.equal(clip_loss(video, text, scale), before)
+    assert torch.equal(clip_loss(video, text, scale, groups=None), before)
+    assert torch.equal(ClipLoss()(video, text, scale, groups=None), before)
+    # all-distinct groups: the same loss through the other path
+    assert clip_loss(video, text, scale, torch.arange(8)).item() == pytest.approx(
+        before.item(), rel=1e-6
+    )
+    with pytest.raises(ValueError):
+        clip_loss(video, text, scale, torch.arange(7))
+
+
+def test_pretrain_objectives_pass_the_batch_clip_groups_to_the_contrastive_loss():
+    video, text, scale = unit_rows(4, 17), unit_rows(4, 18), torch.tensor(3.0)
+    groups = torch.tensor([0, 1, 0, 2])
+
+    def contrastive_only_model(**inputs):
+        return types.SimpleNamespace(
+            video_embeds=video,
+            text_embeds=text,
+            logit_scale=scale,
+            masked_video_loss=None,
+            masked_language_loss=None,
+            matching_loss=None,
+        )
+
+    objectives = PretrainObjectives(
+        ClipLoss(),
+        ObjectiveWeights(contrastive=1.0, masked_video=0.0, masked_language=0.0),
+        (1, 2, 2),
+        mask_token_id=MASK,
+        vocab_size=VOCAB,
+        special_token_ids=[PAD, CLS, SEP, MASK],
+    )
+    batch = {
+        "video": torch.zeros(4, 2, 3, 4, 4, dtype=torch.uint8),
+        "input_ids": torch.full((4, 3), 200),
+        "attention_mask": torch.ones(4, 3, dtype=torch.long),
+    }
+    with_copies = clip_loss(video, text, scale, groups)
+    plain = clip_loss(video, text, scale)
+    assert with_copies.item() != pytest.approx(plain.item(), rel=1e-3)
+    losses = objectives(contrastive_only_model, {**batch, "clip_group": groups})
+    assert torch.equal(losses["contrastive"], with_copies)
+    assert torch.equal(objectives(contrastive_only_model, batch)["contrastive"], plain)
 
 
 def test_weighted_total_skips_missing_and_zero_weight_objectives():
@@ -241,22 +378,37 @@ def toy_step(model, video_in, text_in, loss_fn):
     return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
+LOCAL_COPIES = [3, 0, 3, 3]
+"""Local copy ids, the same on every rank: clip 3 three times, clip 0 once. Only the rank offset
+keeps rank 0's clip 3 apart from rank 1's."""
+
+
+def copies_rows(rank, per_rank):
+    """Rows of the toy batch that rank ``rank`` holds as copies; they are also the global ids."""
+    return rank * per_rank + torch.tensor(LOCAL_COPIES)
+
+
 def _two_rank_worker(rank, world_size, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         results = {}
-        for gather_with_grad in (True, False):
-            video_in, text_in, model = toy_problem()
-            per_rank = GLOBAL_BATCH // world_size
-            local = slice(rank * per_rank, (rank + 1) * per_rank)
-            loss_fn = ClipLoss(rank, world_size, gather_with_grad=gather_with_grad)
-            loss, grads = toy_step(model, video_in[local], text_in[local], loss_fn)
-            # what DeepSpeed / DDP do after backward: average the gradients over ranks
-            for grad in grads.values():
-                dist.all_reduce(grad)
-                grad /= world_size
-            results[gather_with_grad] = (loss, grads)
+        for copies in (False, True):
+            for gather_with_grad in (True, False):
+                video_in, text_in, model = toy_problem()
+                per_rank = GLOBAL_BATCH // world_size
+                loss_fn = ClipLoss(rank, world_size, gather_with_grad=gather_with_grad)
+                if copies:
+                    rows = copies_rows(rank, per_rank)
+                    loss_fn = functools.partial(loss_fn, groups=torch.tensor(LOCAL_COPIES))
+                else:
+                    rows = slice(rank * per_rank, (rank + 1) * per_rank)
+                loss, grads = toy_step(model, video_in[rows], text_in[rows], loss_fn)
+                # what DeepSpeed / DDP do after backward: average the gradients over ranks
+                for grad in grads.values():
+                    dist.all_reduce(grad)
+                    grad /= world_size
+                results[copies, gather_with_grad] = (loss, grads)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -268,19 +420,54 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def test_two_ranks_equal_one_process(tmp_path):
-    """Gloo ranks on 127.0.0.1, both gather modes, against the loss on the whole batch."""
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory):
+    """Gloo ranks on 127.0.0.1, started once: {(copies, gather_with_grad): (loss, grads)}."""
+    out_dir = tmp_path_factory.mktemp("two_ranks")
+    mp.spawn(_two_rank_worker, args=(2, free_port(), str(out_dir)), nprocs=2, join=True)
+    return [torch.load(out_dir / f"rank{rank}.pt") for rank in (0, 1)]
+
+
+def assert_ranks_match(results, reference_loss, reference_grads):
+    for gather_with_grad, (loss, grads) in results.items():
+        # each rank reports the global loss
+        assert loss == pytest.approx(reference_loss, rel=1e-6), gather_with_grad
+        for name, grad in reference_grads.items():
+            torch.testing.assert_close(
+                grads[name], grad, rtol=1e-5, atol=1e-6, msg=f"{name} {gather_with_grad}"
+            )
+
+
+def test_two_ranks_equal_one_process(two_rank_results):
+    """Both gather modes, against the loss on the whole batch."""
     video_in, text_in, model = toy_problem()
     reference_loss, reference_grads = toy_step(model, video_in, text_in, ClipLoss())
+    for results in two_rank_results:
+        assert_ranks_match(
+            {mode: value for (copies, mode), value in results.items() if not copies},
+            reference_loss,
+            reference_grads,
+        )
 
-    mp.spawn(_two_rank_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
 
-    for rank in (0, 1):
-        results = torch.load(tmp_path / f"rank{rank}.pt")
-        for gather_with_grad, (loss, grads) in results.items():
-            # each rank reports the global loss
-            assert loss == pytest.approx(reference_loss, rel=1e-6), gather_with_grad
-            for name, grad in reference_grads.items():
-                torch.testing.assert_close(
-                    grads[name], grad, rtol=1e-5, atol=1e-6, msg=f"{name} {gather_with_grad}"
-                )
+def test_two_ranks_with_copies_equal_one_process_and_deduplicated(two_rank_results):
+    """Local copy ids on 2 ranks, both gather modes, against one process holding both ranks'
+    rows with global ids, and against the de-duplicated clips without groups."""
+    rows = torch.cat([copies_rows(rank, GLOBAL_BATCH // 2) for rank in (0, 1)])  # (8,)
+    video_in, text_in, model = toy_problem()
+    reference_loss, reference_grads = toy_step(
+        model, video_in[rows], text_in[rows], functools.partial(ClipLoss(), groups=rows)
+    )
+    video_in, text_in, model = toy_problem()
+    unique = rows.unique()  # clips 0, 3, 4, 7
+    dedup_loss, dedup_grads = toy_step(model, video_in[unique], text_in[unique], ClipLoss())
+    assert reference_loss == pytest.approx(dedup_loss, rel=1e-6)
+    for name, grad in dedup_grads.items():
+        torch.testing.assert_close(reference_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+    for results in two_rank_results:
+        assert_ranks_match(
+            {mode: value for (copies, mode), value in results.items() if copies},
+            reference_loss,
+            reference_grads,
+        )
