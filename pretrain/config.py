@@ -416,6 +416,12 @@ class PretrainConfig:
             self.tracking.output_dir = self.train.output_dir
         if self.objectives.matching > 0 and not self.model.matching_head:
             raise ConfigError("objectives.matching > 0 needs model.matching_head: true")
+        if self.objectives.matching > 0 and self.data.samples_per_clip > 1:
+            # its hard negatives are drawn from the local batch, copies of the clip included
+            raise ConfigError(
+                "objectives.matching > 0 needs data.samples_per_clip: 1 (a copy of the clip "
+                "would be drawn as its non-matching pair)"
+            )
         if self.parallel.micro_batch_size % self.data.samples_per_clip:
             raise ConfigError(
                 f"parallel.micro_batch_size {self.parallel.micro_batch_size} is not a multiple "

@@ -81,11 +81,23 @@ def test_overrides_parse_as_yaml_and_reach_nested_fields():
         ("parallel.offload_params=true", "offload_params needs zero_stage 3"),
         ("objectives.mask_ratio=1.0", "mask_ratio must be in [0, 1)"),
         ("objectives.matching=1.0", "needs model.matching_head"),
+        ("data.samples_per_clip=0", "data.samples_per_clip must be >= 1"),
+        (
+            "data.samples_per_clip=3",
+            "micro_batch_size 4 is not a multiple of data.samples_per_clip 3",
+        ),
     ],
 )
 def test_bad_values_are_refused_naming_the_field(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(")", r"\)")):
         load_pretrain_config(CONFIGS / "tiny.yaml", [override])
+
+
+def test_matching_is_refused_with_copies_of_a_clip_in_the_batch():
+    settings = ["model.matching_head=true", "objectives.matching=1.0"]
+    load_pretrain_config(CONFIGS / "tiny.yaml", settings)
+    with pytest.raises(ConfigError, match="objectives.matching > 0 needs data.samples_per_clip: 1"):
+        load_pretrain_config(CONFIGS / "tiny.yaml", [*settings, "data.samples_per_clip=2"])
 
 
 def test_global_batch_arithmetic_is_checked():

@@ -88,6 +88,39 @@ def test_a_world_of_one_skips_the_allreduce_and_trains_the_same(
     assert len({e["loss"] for e in skipped}) > 1
 
 
+class Recording:
+    """The trainer's objectives, keeping the batches they were given."""
+
+    def __init__(self, objectives):
+        self.objectives, self.batches = objectives, []
+
+    def __call__(self, model, batch, generator=None):
+        self.batches.append(batch)
+        return self.objectives(model, batch, generator)
+
+
+def test_two_samples_per_clip_reach_the_loss_as_grouped_copies(
+    world: World, synthetic_shards, tmp_path
+):
+    """data.samples_per_clip 2, micro-batch 4: the objectives see 4 samples cut from 2 clips
+    on the device, copies adjacent and grouped, each pair of copies with one caption; samples
+    are counted as training samples."""
+    config = tiny(synthetic_shards, tmp_path / "run", "train.steps=2", "data.samples_per_clip=2",
+                  "parallel.micro_batch_size=4")  # fmt: skip
+    trainer = Pretrainer(config, world)
+    trainer.objectives = Recording(trainer.objectives)
+    trainer.fit()
+    size, frames = config.model.build_config().video_config.image_size, 0
+    for batch in trainer.objectives.batches:
+        frames = batch["video"].shape[1]
+        assert batch["video"].shape == (4, frames, 3, size, size)
+        assert batch["clip_group"].tolist() == [0, 0, 1, 1]
+        assert torch.equal(batch["input_ids"][0], batch["input_ids"][1])
+        assert not torch.equal(batch["video"][0], batch["video"][1])  # own crop or flip
+    assert len(trainer.objectives.batches) == 2
+    assert trainer.state.samples_seen == 2 * 4 == sum(trainer.reader.delivered.values())
+
+
 # ------------------------------------------------------------------------------ non-finite
 
 
