@@ -26,13 +26,22 @@ shards of 4 s clips at 8 fps, 2 per source; one decode thread per process throug
 - reader, 1 and 2 workers: ``data_shards.reader`` in train mode (resampled shards, shuffle
   buffer, segment sampling, random resized crop, flip, tokenization, batches of 8 clips), timed
   over ``--batches`` batches after each worker's first (start-up, first shuffle-buffer fill).
-Targets: at T16@224, reader 1 worker ÷ decode limit 1 process ≥ 0.9; at both sizes, reader 1
-worker ÷ naive loader ≥ 5.
+  A reader with ``samples_per_clip`` leaves the crop + resize to ``expand_crops`` (below): its
+  lines then do not include the resize that the naive loader's line does;
+- repeated sampling (T16@224 only, and only a reader with ``samples_per_clip``): training
+  samples/s of one reader worker with k = 1, 2, 4 training samples per decoded clip (batches of
+  8·k samples, so 8 clips at every k; k = 1 is the reader 1 worker line). That reader hands
+  over clips at the shard's size with k crop boxes each, and the crop + resize
+  (``expand_crops``) runs where the batch goes, on the accelerator; its cost on this CPU per
+  training sample is a line of its own, timed on the last batch of each k in the same run.
+Targets: at T16@224, reader 1 worker ÷ decode limit 1 process ≥ 0.9 and k = 2 ÷ k = 1 ≥ 1.8;
+at both sizes, reader 1 worker ÷ naive loader ≥ 5.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import multiprocessing
@@ -61,6 +70,15 @@ from data_shards.shard_set import iter_samples, list_shards
 from data_shards.text import load_tokenizer
 from data_shards.video import decode_clip, write_video
 
+try:
+    from data_shards.reader import expand_crops
+except ImportError:  # a reader from before repeated sampling
+    expand_crops = None
+
+REPEATED_SAMPLING = expand_crops is not None and "samples_per_clip" in {
+    field.name for field in dataclasses.fields(ReaderConfig)
+}
+SAMPLES_PER_CLIP = (1, 2, 4)
 CLIPS_PER_BATCH = 8
 START_TIMEOUT = 300
 """Seconds a decode-limit process may take to start and warm up before the run is given up."""
@@ -76,7 +94,7 @@ class Size:
     """S: the reader's crop side and the shards' short side."""
     name: str
     targeted: bool
-    """The target on the decode limit is set at this size."""
+    """The targets on the decode limit and on repeated sampling are set at this size."""
 
 
 SIZES = {
@@ -226,25 +244,47 @@ def naive_loader(clips: list[Clip], frames: int, side: int, seconds: float) -> f
     return done / elapsed
 
 
-def reader_rate(shards: Path, size: Size, workers: int, batches: int, tokenizer) -> float:
-    """Clips/s of the train reader."""
+def training_samples(batch: dict[str, Any]) -> int:
+    if "crops" in batch:
+        return batch["crops"].shape[0] * batch["crops"].shape[1]  # (clips, k, 5)
+    return batch["video"].shape[0]  # (B, T, C, S, S)
+
+
+def reader_rate(
+    shards: Path, size: Size, workers: int, batches: int, tokenizer, samples_per_clip=None
+) -> tuple[float, dict[str, Any]]:
+    """(training samples/s, the last batch) of the train reader; ``samples_per_clip`` is
+    passed only when given, so a reader without it runs the other lines."""
+    repeat = {} if samples_per_clip is None else {"samples_per_clip": samples_per_clip}
     config = ReaderConfig(
         shards=str(shards),
         num_frames=size.frames,
         size=size.side,
-        batch_size=CLIPS_PER_BATCH,
+        batch_size=CLIPS_PER_BATCH * (samples_per_clip or 1),
         num_workers=workers,
+        **repeat,
     )
-    clips, started = 0, None
+    samples, started = 0, None
     for index, batch in enumerate(build_loader(config, tokenizer=tokenizer)):
         if index < workers:
             # Worker start-up and the shuffle buffer's first fill excluded.
             started = time.perf_counter()
             continue
-        clips += batch["video"].shape[0]  # (B, T, C, S, S)
+        samples += training_samples(batch)
         if index - workers + 1 >= batches:
-            return clips / (time.perf_counter() - started)
+            return samples / (time.perf_counter() - started), batch
     raise RuntimeError(f"{shards}: the reader ended before {batches} batches")
+
+
+def expand_seconds(batch: dict[str, Any], side: int, calls: int = 3) -> tuple[float, int]:
+    """(seconds, training samples) of ``calls`` calls of ``expand_crops`` on ``batch``; none
+    for a batch without crop boxes (one already cropped in the worker)."""
+    if "crops" not in batch:
+        return 0.0, 0
+    started = time.perf_counter()
+    for _ in range(calls):
+        expand_crops(batch, side)
+    return time.perf_counter() - started, calls * training_samples(batch)
 
 
 def measure_round(
@@ -260,14 +300,23 @@ def measure_round(
     """One round of every line at ``size``: figure name → value. ``build(side)`` is one
     round of the shard build figure."""
     frames, side = size.frames, size.side
-    return {
+    figures = {
         "build": build(side),
         "limit 1p": decode_limit(clips, frames, 1, loop_seconds),
         "limit 2p": decode_limit(clips, frames, 2, loop_seconds),
         "naive": naive_loader(clips, frames, side, loop_seconds),
-        "reader 1w": reader_rate(shards, size, 1, batches, tokenizer),
-        "reader 2w": reader_rate(shards, size, 2, batches, tokenizer),
     }
+    figures["reader 1w"], batch = reader_rate(shards, size, 1, batches, tokenizer)
+    figures["reader 2w"], _ = reader_rate(shards, size, 2, batches, tokenizer)
+    if size.targeted and REPEATED_SAMPLING:
+        figures["k=1"] = figures["reader 1w"]  # samples_per_clip defaults to 1
+        expand_time, expanded = expand_seconds(batch, side)
+        for k in SAMPLES_PER_CLIP[1:]:
+            figures[f"k={k}"], batch = reader_rate(shards, size, 1, batches, tokenizer, k)
+            seconds, samples = expand_seconds(batch, side)
+            expand_time, expanded = expand_time + seconds, expanded + samples
+        figures["expand ms"] = 1e3 * expand_time / expanded
+    return figures
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,6 +361,19 @@ def report(size: Size, rounds: list[dict[str, float]]) -> None:
     ratio("reader 1w / decode limit 1p:", "reader 1w", "limit 1p", 0.9 if size.targeted else None)
     ratio("reader 2w / decode limit 2p:", "reader 2w", "limit 2p", None)
     ratio("reader 1w / naive loader:", "reader 1w", "naive", 5, digits=1)
+    if not size.targeted:
+        return
+    if not REPEATED_SAMPLING:
+        print("repeated sampling: not in this reader")
+        return
+    for k in SAMPLES_PER_CLIP:
+        print(f"{f'reader 1 worker, k = {k}:':<30}{spread(values(f'k={k}'), 1)} training samples/s")
+    for k in SAMPLES_PER_CLIP[1:]:
+        ratio(f"k = {k} / k = 1:", f"k={k}", "k=1", 1.8 if k == 2 else None)
+    print(
+        f"{'expand_crops on this CPU:':<30}{spread(values('expand ms'), 2)} "
+        f"ms per training sample (torch threads: {torch.get_num_threads()})"
+    )
 
 
 def main() -> None:
