@@ -41,7 +41,6 @@ at both sizes, reader 1 worker ÷ naive loader ≥ 5.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import multiprocessing
@@ -59,25 +58,13 @@ import av
 import numpy as np
 import torch
 
+from data_shards.augment import expand_crops, random_resized_crop
 from data_shards.build import BuildConfig, build_shards
-from data_shards.reader import (
-    ReaderConfig,
-    build_loader,
-    random_resized_crop,
-    uniform_frame_indices,
-)
+from data_shards.reader import ReaderConfig, build_loader, uniform_frame_indices
 from data_shards.shard_set import iter_samples, list_shards
 from data_shards.text import load_tokenizer
 from data_shards.video import decode_clip, write_video
 
-try:
-    from data_shards.reader import expand_crops
-except ImportError:  # a reader from before repeated sampling
-    expand_crops = None
-
-REPEATED_SAMPLING = expand_crops is not None and "samples_per_clip" in {
-    field.name for field in dataclasses.fields(ReaderConfig)
-}
 SAMPLES_PER_CLIP = (1, 2, 4)
 CLIPS_PER_BATCH = 8
 START_TIMEOUT = 300
@@ -308,7 +295,7 @@ def measure_round(
     }
     figures["reader 1w"], batch = reader_rate(shards, size, 1, batches, tokenizer)
     figures["reader 2w"], _ = reader_rate(shards, size, 2, batches, tokenizer)
-    if size.targeted and REPEATED_SAMPLING:
+    if size.targeted:
         figures["k=1"] = figures["reader 1w"]  # samples_per_clip defaults to 1
         expand_time, expanded = expand_seconds(batch, side)
         for k in SAMPLES_PER_CLIP[1:]:
@@ -362,9 +349,6 @@ def report(size: Size, rounds: list[dict[str, float]]) -> None:
     ratio("reader 2w / decode limit 2p:", "reader 2w", "limit 2p", None)
     ratio("reader 1w / naive loader:", "reader 1w", "naive", 5, digits=1)
     if not size.targeted:
-        return
-    if not REPEATED_SAMPLING:
-        print("repeated sampling: not in this reader")
         return
     for k in SAMPLES_PER_CLIP:
         print(f"{f'reader 1 worker, k = {k}:':<30}{spread(values(f'k={k}'), 1)} training samples/s")
