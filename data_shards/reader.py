@@ -202,38 +202,24 @@ def segment_frame_indices(available: int, num_frames: int, rng: random.Random) -
 
 
 class ClipCropper:
-    """Frame → (C, size, size) uint8 for one clip: one box and one flip for all of its frames.
+    """Frame → (C, size, size) uint8 for one clip: the centre square of every frame, resized.
 
-    The box is drawn at the first frame, when the frame size is known. Frames go straight from
-    the decoder through one swscale call (resize + planar RGB); frames with a display rotation
-    (rare: the shard builder writes upright clips) take the slower upright-RGB path.
+    Frames go straight from the decoder through one swscale call (resize + planar RGB);
+    frames with a display rotation (rare: the shard builder writes upright clips) take the
+    slower upright-RGB path. Training crops are cut elsewhere (``data_shards.augment``).
     """
 
-    def __init__(self, config: ReaderConfig, rng: random.Random | None):
-        self.config, self.rng = config, rng
-        self.box: tuple[int, int, int, int] | None = None
-        self.flip = False
-
-    def _draw(self, height: int, width: int):
-        if self.rng is None:
-            self.box = center_crop_box(height, width)
-            return
-        config = self.config
-        self.box = random_crop_box(height, width, config.crop_scale, config.crop_ratio, self.rng)
-        self.flip = self.rng.random() < config.flip_prob
+    def __init__(self, size: int):
+        self.size = size
 
     def __call__(self, frame) -> np.ndarray:
         if frame.rotation:
             rgb = upright_rgb(frame)  # (H, W, 3)
-            if self.box is None:
-                self._draw(*rgb.shape[:2])
-            top, left, height, width = self.box
+            top, left, height, width = center_crop_box(*rgb.shape[:2])
             crop = torch.from_numpy(rgb).permute(2, 0, 1)[None, :, top : top + height]
-            out = resize_square(crop[..., left : left + width], self.config.size)[0]
-            return (out.flip(-1) if self.flip else out).numpy()
-        if self.box is None:
-            self._draw(frame.height, frame.width)
-        return crop_resize_planar(frame, self.box, self.config.size, self.flip)
+            return resize_square(crop[..., left : left + width], self.size)[0].numpy()
+        box = center_crop_box(frame.height, frame.width)
+        return crop_resize_planar(frame, box, self.size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,7 +441,7 @@ class _ClipDecoder:
             crops = [self._draw_crop(height, width, rng) for _ in range(config.samples_per_clip)]
             return decoded | {"frames": frames, "crops": crops}
         select = functools.partial(uniform_frame_indices, num_frames=config.num_frames)
-        cropper = ClipCropper(config, None)
+        cropper = ClipCropper(config.size)
         clip = decode_clip(sample["mp4"], select=select, convert=cropper)
         return decoded | {"video": torch.from_numpy(clip)}  # (T, C, H, W)
 

@@ -37,13 +37,12 @@ def load_clip(path: str | Path, num_frames: int, size: int) -> torch.Tensor:
 
     Uses the reader's own cropper so that serving and ``vidrec embed`` cannot drift apart.
     """
-    from data_shards.reader import ClipCropper, ReaderConfig, uniform_frame_indices
+    from data_shards.reader import ClipCropper, uniform_frame_indices
     from data_shards.video import decode_clip
 
-    config = ReaderConfig(shards=[], mode="eval", num_frames=num_frames, size=size)
     select = functools.partial(uniform_frame_indices, num_frames=num_frames)
     data = Path(path).read_bytes()
-    return torch.from_numpy(decode_clip(data, select=select, convert=ClipCropper(config, None)))
+    return torch.from_numpy(decode_clip(data, select=select, convert=ClipCropper(size)))
 
 
 class VideoTextEmbedder(mlflow.pyfunc.PythonModel):
