@@ -25,15 +25,13 @@ from pretrain import trainer
 from pretrain.config import PretrainConfig, deepspeed_config, model_width, resolve_precision
 from pretrain.distributed import World, all_gather_objects, init_distributed, sum_over_ranks
 from pretrain.evaluate import evaluate_retrieval, format_retrieval
-from pretrain.flops import forward_flops, training_flops
+from pretrain.flops import hardware_flops, peak_bf16_flops, pretrain_forward_flops, training_flops
 from pretrain.model import VideoTextModel
 from pretrain.objectives import ClipLoss, PretrainObjectives
 from pretrain.trainer import Trainer, TrainState
 
 log = logging.getLogger(__name__)
 
-# Dense bf16 tensor-core peak per device, for MFU; devices not listed report no MFU.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 LOSS_KEYS = ("loss", "loss_contrastive", "loss_masked_video", "loss_masked_language")
 
 
@@ -78,11 +76,8 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.T
     }
 
 
-def _peak_device_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 class Pretrainer(Trainer):
@@ -140,16 +135,23 @@ class Pretrainer(Trainer):
         )
         self.batches = self._batches()
         """Micro-batches of the reader (a benchmark may swap in its own iterator)."""
-        flops = forward_flops(
-            self.model_config,
-            config.data.max_text_length,
-            mask_ratio=objectives.mask_ratio if objectives.masked_video > 0 else 0.0,
-            mlm_targets=objectives.masked_language > 0,
-            matching=objectives.matching > 0,
-            full_clip_for_contrastive=objectives.contrastive_on_unmasked,
-        )
-        self.flops_per_sample = training_flops(flops, config.model.activation_checkpointing)
+        self.count_flops()
         self.last_evaluation: dict[str, float] | None = None
+
+    def count_flops(self) -> None:
+        """FLOPs per sample for MFU and, with activation checkpointing, HFU."""
+        config = self.config
+        # MLM on captions that fill data.max_text_length: an upper bound on the masked
+        # tokens, whose head is under 0.5% of the base preset's FLOPs
+        forward = pretrain_forward_flops(config, self.model_config)
+        recomputed = {}
+        if config.model.activation_checkpointing:
+            recomputed = pretrain_forward_flops(config, self.model_config, recomputed=True)
+        self.flops_per_sample = training_flops(forward)
+        """Model FLOPs per training sample, forward + backward: MFU's."""
+        self.hardware_flops_per_sample = hardware_flops(forward, recomputed)
+        """With the recomputed forward of activation checkpointing: HFU's."""
+        self.peak_flops = peak_bf16_flops(device_name(self.world.device))
 
     def reader_config(self, shards: str | list[ShardSource], mode: str) -> ReaderConfig:
         """The reader of ``shards``, a spec or a weighted mix (``mode`` train or eval; eval
@@ -214,9 +216,11 @@ class Pretrainer(Trainer):
         per_source = {f"source/{name}/delivered": n for name, n in self.reader.delivered.items()}
         per_source |= {f"source/{name}/skipped": n for name, n in self.reader.skipped.items()}
         extra |= {k: round(v) for k, v in sum_over_ranks(per_source, self.world.device).items()}
-        peak = _peak_device_flops(self.world.device)
-        if peak:
-            extra["mfu"] = self.flops_per_sample * averaged["clips_per_second_per_rank"] / peak
+        if self.peak_flops:
+            rate = averaged["clips_per_second_per_rank"] / self.peak_flops
+            extra["mfu"] = self.flops_per_sample * rate
+            if self.hardware_flops_per_sample != self.flops_per_sample:
+                extra["hfu"] = self.hardware_flops_per_sample * rate
         module = self.engine.module
         # Under ZeRO-3 a parameter is a shard outside forward; gather it to read it.
         with deepspeed.zero.GatheredParameters([module.logit_scale]):
