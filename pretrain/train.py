@@ -22,10 +22,18 @@ from data_shards.reader import ReaderConfig, build_loader
 from data_shards.sources import ShardSource
 from data_shards.text import load_tokenizer, resolve_text_model_dir
 from pretrain import trainer
+from pretrain.capacity import DataWaitAlarm, WaitInterval, capacity_report, format_capacity
 from pretrain.config import PretrainConfig, deepspeed_config, model_width, resolve_precision
-from pretrain.distributed import World, all_gather_objects, init_distributed, sum_over_ranks
+from pretrain.distributed import (
+    World,
+    all_gather_objects,
+    cores_on_node,
+    init_distributed,
+    ranks_per_node,
+    sum_over_ranks,
+)
 from pretrain.evaluate import evaluate_retrieval, format_retrieval
-from pretrain.flops import hardware_flops, peak_bf16_flops, pretrain_forward_flops, training_flops
+from pretrain.flops import peak_bf16_flops
 from pretrain.model import VideoTextModel
 from pretrain.objectives import ClipLoss, PretrainObjectives
 from pretrain.trainer import Trainer, TrainState
@@ -135,23 +143,34 @@ class Pretrainer(Trainer):
         )
         self.batches = self._batches()
         """Micro-batches of the reader (a benchmark may swap in its own iterator)."""
-        self.count_flops()
+        self.watch_capacity()
         self.last_evaluation: dict[str, float] | None = None
 
-    def count_flops(self) -> None:
-        """FLOPs per sample for MFU and, with activation checkpointing, HFU."""
-        config = self.config
+    def watch_capacity(self) -> None:
+        """FLOPs per sample (MFU, HFU), the capacity report, logged at start, and the alarm
+        that tells, once, what a loader that keeps training waiting would need."""
+        config, world = self.config, self.world
         # MLM on captions that fill data.max_text_length: an upper bound on the masked
         # tokens, whose head is under 0.5% of the base preset's FLOPs
-        forward = pretrain_forward_flops(config, self.model_config)
-        recomputed = {}
-        if config.model.activation_checkpointing:
-            recomputed = pretrain_forward_flops(config, self.model_config, recomputed=True)
-        self.flops_per_sample = training_flops(forward)
+        self.capacity = capacity_report(
+            config,
+            gpus_per_node=ranks_per_node(os.environ, world.world_size),
+            cores=cores_on_node(os.environ),
+            model_config=self.model_config,
+        )
+        self.flops_per_sample = self.capacity.model_flops
         """Model FLOPs per training sample, forward + backward: MFU's."""
-        self.hardware_flops_per_sample = hardware_flops(forward, recomputed)
+        self.hardware_flops_per_sample = self.capacity.hardware_flops
         """With the recomputed forward of activation checkpointing: HFU's."""
-        self.peak_flops = peak_bf16_flops(device_name(self.world.device))
+        self.device_name = device_name(world.device)
+        self.peak_flops = peak_bf16_flops(self.device_name)
+        self.data_wait_alarm = DataWaitAlarm(self.capacity, self.device_name, self.peak_flops)
+        self.interval = WaitInterval()
+        if world.is_main:
+            for line in format_capacity(self.capacity):
+                log.info("%s", line)
+            for warning in self.capacity.warnings:
+                log.warning("%s", warning)
 
     def reader_config(self, shards: str | list[ShardSource], mode: str) -> ReaderConfig:
         """The reader of ``shards``, a spec or a weighted mix (``mode`` train or eval; eval
@@ -205,7 +224,8 @@ class Pretrainer(Trainer):
             self.config.parallel.micro_batch_size * self.config.parallel.grad_accum_steps
         )
         metrics["clips_per_second_per_rank"] = local_samples / metrics["step_seconds"]
-        return metrics
+        self.interval.add(metrics["step_seconds"], metrics["data_wait_fraction"], local_samples)
+        return metrics | self.interval.metrics()
 
     def step_metrics(self, averaged: dict[str, float]) -> dict[str, float]:
         extra = {
@@ -221,6 +241,12 @@ class Pretrainer(Trainer):
             extra["mfu"] = self.flops_per_sample * rate
             if self.hardware_flops_per_sample != self.flops_per_sample:
                 extra["hfu"] = self.hardware_flops_per_sample * rate
+        starved = self.data_wait_alarm.check(
+            averaged["interval_data_wait_fraction"], averaged["interval_clips_per_second_per_rank"]
+        )
+        if starved and self.world.is_main:
+            log.warning("%s", starved)
+        self.interval = WaitInterval()
         module = self.engine.module
         # Under ZeRO-3 a parameter is a shard outside forward; gather it to read it.
         with deepspeed.zero.GatheredParameters([module.logit_scale]):
@@ -232,7 +258,7 @@ class Pretrainer(Trainer):
         return (
             f"step {self.state.step}/{self.config.train.steps}: {shown}, "
             f"{averaged['samples_per_second']:.1f} samples/s, "
-            f"data wait {100 * averaged['data_wait_fraction']:.0f}%"
+            f"data wait {100 * averaged['interval_data_wait_fraction']:.0f}%"
         )
 
     def run_params(self) -> dict[str, Any]:

@@ -87,6 +87,7 @@ def test_a_world_of_one_skips_the_allreduce_and_trains_the_same(
     reducing.engine.enable_backward_allreduce = True
     skipped, reduced = skipping.fit()["history"], reducing.fit()["history"]
     assert [e["step"] for e in skipped] == [1, 2, 3]
+    assert all(0 <= e["interval_data_wait_fraction"] < 1 for e in skipped)
     for key in ("loss", "logit_scale"):  # steps 2-3 see the weights the steps before made
         assert [e[key] for e in skipped] == pytest.approx([e[key] for e in reduced], rel=1e-6)
     assert len({e["loss"] for e in skipped}) > 1
