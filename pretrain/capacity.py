@@ -107,13 +107,13 @@ def format_capacity(report: CapacityReport) -> list[str]:
     if report.masked_tokens is not None:
         mlm = f"; MLM on ≤ {report.masked_tokens:.1f} masked tokens per caption"
     lines = [
-        f"capacity: {report.model_flops / 1e9:,.1f} GFLOP per training clip "
+        f"capacity: {report.model_flops / 1e9:,.4g} GFLOP per training clip "
         f"(model FLOPs: 3 × forward{mlm})"
     ]
     if report.hardware_flops != report.model_flops:
         lines.append(
             f"  with the recomputed forward of activation checkpointing the device runs "
-            f"{report.hardware_flops / 1e9:,.1f} GFLOP (HFU = "
+            f"{report.hardware_flops / 1e9:,.4g} GFLOP (HFU = "
             f"{report.hardware_flops / report.model_flops:.2f} × MFU)"
         )
     for gpu in report.gpus:

@@ -57,7 +57,7 @@ def test_the_lines_say_the_figures():
     report = capacity_report(config, gpus_per_node=4, cores=64)
     lines = format_capacity(report)
     h100 = report.gpus[1]
-    assert lines[0].startswith(f"capacity: {report.model_flops / 1e9:,.1f} GFLOP per training clip")
+    assert lines[0].startswith(f"capacity: {report.model_flops / 1e9:.4g} GFLOP per training clip")
     assert "MLM on ≤ 2.1 masked tokens per caption" in lines[0]
     assert (
         f"  H100 (989 TFLOP/s bf16): {h100.clips_per_second:,.0f} clips/s at 40% MFU → "
