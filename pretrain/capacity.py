@@ -73,7 +73,8 @@ def capacity_report(
         recomputed = pretrain_forward_flops(config, model_config, recomputed=True)
     model = training_flops(forward)
     data = config.data
-    # the reader is about to cut several training samples from one decoded clip
+    # data.samples_per_clip (k training samples per decoded clip) comes with the reader's
+    # next change; one until then
     samples_per_clip = getattr(data, "samples_per_clip", 1)
     loaders = data.workers * gpus_per_node
     warnings = ()
