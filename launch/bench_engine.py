@@ -42,7 +42,7 @@ from data_shards.build import BuildConfig, build_shards
 from data_shards.synth import synthesize
 from pretrain.config import PretrainConfig, load_pretrain_config
 from pretrain.distributed import init_distributed
-from pretrain.flops import forward_flops
+from pretrain.flops import pretrain_forward_flops, training_flops
 from pretrain.train import Pretrainer, build_model, build_optimizer
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -252,19 +252,9 @@ def masking_payoff(args, workdir: Path) -> None:
         if batch is None:
             batch_size = config.parallel.micro_batch_size
             batch = synthetic_batch(config, trainer.tokenizer, batch_size)
-            # maskable tokens per caption: the real ones less [CLS] and [SEP]
-            tokens = batch["attention_mask"].sum(dim=1).float().mean().item() - 2
-        objectives = config.objectives
-        flops[name] = 3 * sum(
-            forward_flops(
-                trainer.model_config,
-                config.data.max_text_length,
-                mask_ratio=objectives.mask_ratio if objectives.masked_video > 0 else None,
-                mlm_targets=(
-                    objectives.mlm_probability * tokens if objectives.masked_language > 0 else None
-                ),
-            ).values()
-        )
+            caption_tokens = batch["attention_mask"].sum(dim=1).float().mean().item()
+        forward = pretrain_forward_flops(config, trainer.model_config, caption_tokens)
+        flops[name] = training_flops(forward)
     print(
         f"\n== masking pay-off: {args.masking_preset} preset, micro-batch {batch_size}, fp32, "
         f"engine with ZeRO {args.masking_zero}, one optimizer step =="

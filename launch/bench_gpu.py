@@ -7,9 +7,10 @@ A world of one rank: the ``Pretrainer`` built from the preset (its DeepSpeed eng
 and micro-batch as configured) steps ``train_step`` over one synthetic batch that already sits
 on the device, so the figure is the engine and the model, not the loader or the host-to-device
 copy. After ``--warmup`` steps, ``--steps`` steps are timed between two device synchronizations.
-MFU = FLOPs per sample (``pretrain.flops``: forward by component, × 3 for forward + backward,
-× 4 with activation checkpointing) × samples/s / the card's dense bf16 peak
-(``pretrain.train.PEAK_BF16_FLOPS``; ``--peak-tflops`` for a card not listed).
+MFU = model FLOPs per sample (``pretrain.flops``: forward by component, × 3 for forward +
+backward) × samples/s / the card's dense bf16 peak (``pretrain.flops.PEAK_BF16_FLOPS``;
+``--peak-tflops`` for a card not listed); with activation checkpointing, HFU counts the
+recomputed forward too.
 
 Without a CUDA device it stops with a message, unless asked for the CPU dry run, which runs the
 same code path (tiny preset, fp32) so that this script is exercised where no GPU is.
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def peak_flops(device: torch.device, override_tflops: float | None) -> tuple[str, float | None]:
     """(device name, dense bf16 peak FLOP/s or None when unknown)."""
-    from pretrain.train import PEAK_BF16_FLOPS
+    from pretrain.flops import peak_bf16_flops
 
     if device.type != "cuda":
         name = f"CPU ({os.cpu_count()} cores)"
@@ -40,29 +41,23 @@ def peak_flops(device: torch.device, override_tflops: float | None) -> tuple[str
         name = torch.cuda.get_device_name(device)
     if override_tflops:
         return name, override_tflops * 1e12
-    # the first key the name contains; "A100" is listed before "A10"
-    return name, next((f for key, f in PEAK_BF16_FLOPS.items() if key in name), None)
+    return name, peak_bf16_flops(name)
 
 
-def flops_per_sample(trainer, batch) -> float:
-    """Training FLOPs per sample of this trainer's objectives on this batch (MLM targets: the
-    masking probability times the maskable tokens, the real ones less [CLS] and [SEP])."""
-    from pretrain.flops import forward_flops, training_flops
+def flops_per_sample(trainer, batch) -> tuple[float, float]:
+    """(model, hardware) FLOPs per sample of this trainer's objectives on this batch, its MLM
+    targets counted from the batch's real caption tokens."""
+    from pretrain.flops import hardware_flops, pretrain_forward_flops, training_flops
 
     config = trainer.config
-    objectives = config.objectives
-    maskable = batch["attention_mask"].sum(dim=1).float().mean().item() - 2
-    forward = forward_flops(
-        trainer.model_config,
-        config.data.max_text_length,
-        mask_ratio=objectives.mask_ratio if objectives.masked_video > 0 else None,
-        mlm_targets=objectives.mlm_probability * maskable
-        if objectives.masked_language > 0
-        else None,
-        matching=objectives.matching > 0,
-        full_clip_for_contrastive=objectives.contrastive_on_unmasked,
-    )
-    return training_flops(forward, config.model.activation_checkpointing)
+    caption_tokens = batch["attention_mask"].sum(dim=1).float().mean().item()
+    forward = pretrain_forward_flops(config, trainer.model_config, caption_tokens)
+    recomputed = {}
+    if config.model.activation_checkpointing:
+        recomputed = pretrain_forward_flops(
+            config, trainer.model_config, caption_tokens, recomputed=True
+        )
+    return training_flops(forward), hardware_flops(forward, recomputed)
 
 
 def main() -> None:
@@ -112,7 +107,7 @@ def main() -> None:
     }
     trainer.batches = itertools.repeat(batch)
     name, peak = peak_flops(device, args.peak_tflops)
-    flops = flops_per_sample(trainer, batch)
+    flops, device_flops = flops_per_sample(trainer, batch)
     parameters = trainer.parameter_count()
     print(f"device: {name}; torch {torch.__version__}, deepspeed {deepspeed.__version__}")
     print(
@@ -142,11 +137,16 @@ def main() -> None:
     print(f"samples/s:        {rate:9.2f}")
     print(
         f"FLOPs/sample:     {flops / 1e9:9.3f} GFLOP fwd+bwd "
-        f"(the Pretrainer's own count: {trainer.flops_per_sample / 1e9:.3f})"
+        f"(the Pretrainer's own count, MLM on full captions: "
+        f"{trainer.flops_per_sample / 1e9:.3f})"
     )
+    if device_flops != flops:
+        print(f"with recompute:   {device_flops / 1e9:9.3f} GFLOP (activation checkpointing)")
     print(f"achieved:         {flops * rate / 1e12:9.4f} TFLOP/s")
     if peak:
         print(f"MFU:              {flops * rate / peak:9.3f}  (peak {peak / 1e12:.0f} TFLOP/s)")
+        if device_flops != flops:
+            print(f"HFU:              {device_flops * rate / peak:9.3f}")
     else:
         print("MFU:              n/a (no peak known for this device; --peak-tflops sets one)")
     if device.type == "cuda":

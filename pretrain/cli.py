@@ -14,6 +14,11 @@ def add_parser(commands) -> None:
         help="pretrain the video-text model (run under deepspeed, torchrun, srun or alone)",
     )
     add_config_arguments(pretrain, "launch/configs/small.yaml", "train.steps=500")
+    pretrain.add_argument(
+        "--gpus-per-node", type=int, default=None,
+        help="GPUs (ranks) per node assumed by --check's capacity report "
+        "(default: the world size, at most 8)",
+    )  # fmt: skip
     pretrain.set_defaults(run=_run)
 
 
@@ -67,6 +72,7 @@ def _run(args: argparse.Namespace) -> int:
             parameters = VideoTextModel(model_config).num_parameters()
         print(json.dumps({"config": to_dict(config), "deepspeed": ds_config}, indent=2))
         print(f"parameters: {parameters:,}")
+        print_capacity(config, model_config, args.gpus_per_node or min(args.world_size, 8))
         return 0
     from data_shards.sources import resolve_sources
 
@@ -87,3 +93,21 @@ def _run(args: argparse.Namespace) -> int:
             f"video→text R@1 {evaluation.get('v2t_r1', float('nan')):.1f}"
         )
     return 0
+
+
+def print_capacity(config, model_config, gpus_per_node: int) -> None:
+    """The capacity report of ``config`` on a node of ``gpus_per_node`` GPUs and the cores
+    of the machine that runs the check."""
+    from pretrain.capacity import capacity_report, format_capacity
+    from pretrain.distributed import cores_on_node
+
+    report = capacity_report(
+        config,
+        gpus_per_node=gpus_per_node,
+        cores=cores_on_node(os.environ),
+        model_config=model_config,
+    )
+    for line in format_capacity(report):
+        print(line)
+    for warning in report.warnings:
+        print(f"warning: {warning}")

@@ -250,6 +250,12 @@ class DataSettings:
     mask (repeated sampling): decode cost per sample falls by about this factor, at the price
     of less variety per batch. Must divide ``parallel.micro_batch_size``; copies of a clip are
     never each other's contrastive negatives."""
+    decode_clips_per_core: float = 55.7
+    """Training clips one reader worker delivers per second on one core, for the capacity
+    report (``vidrec pretrain --check``): 55.7 measured at T16@224 by launch/bench_loader.py
+    (BENCHMARKS.md, "reader, 1 worker"). One figure at every clip size: decoding the stored
+    clip dominates, and T8@112 read 2.3× faster there, not the 8× its frames × pixels
+    suggest. Measure your own shards and clip size and set it."""
     shuffle_buffer: int = 1000
     pass_samples: int = 0
     """Training samples per reader pass over all ranks (0: one endless pass). A resume passes
@@ -264,6 +270,10 @@ class DataSettings:
             raise ConfigError(f"data.pass_samples must be >= 0, got {self.pass_samples}")
         if self.samples_per_clip < 1:
             raise ConfigError(f"data.samples_per_clip must be >= 1, got {self.samples_per_clip}")
+        if self.decode_clips_per_core <= 0:
+            raise ConfigError(
+                f"data.decode_clips_per_core must be > 0, got {self.decode_clips_per_core}"
+            )
         for name in ("train_shards", "eval_shards"):
             sources = getattr(self, name)
             if isinstance(sources, list):

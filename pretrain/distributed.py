@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,6 +102,26 @@ def init_distributed() -> World:
     )
     log.info("rank %d/%d (local %d) on %s", world.rank, world.world_size, local_rank, device)
     return world
+
+
+def ranks_per_node(environ: Mapping[str, str], world_size: int) -> int:
+    """Ranks (GPUs) on this node, as the launcher says: LOCAL_WORLD_SIZE (torchrun,
+    accelerate), LOCAL_SIZE (deepspeed), SLURM_NTASKS_PER_NODE or the first count of
+    SLURM_TASKS_PER_NODE ("8(x4)"); else the whole world (a plain process: 1)."""
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        count = re.match(r"\d+", environ.get(name, ""))
+        if count:
+            return int(count.group())
+    return world_size
+
+
+def cores_on_node(environ: Mapping[str, str]) -> int:
+    """CPU cores this node gives the job: SLURM_CPUS_ON_NODE under SLURM (where each task is
+    bound to its own share, so this process sees only that), else the cores this process
+    may run on (a container's or taskset's limit included)."""
+    if environ.get("SLURM_CPUS_ON_NODE", "").isdigit():
+        return int(environ["SLURM_CPUS_ON_NODE"])
+    return len(os.sched_getaffinity(0))
 
 
 def shm_buffer_path(rank: int) -> Path:

@@ -23,18 +23,24 @@ from data_shards.reader import ReaderConfig, build_loader
 from data_shards.sources import ShardSource
 from data_shards.text import load_tokenizer, resolve_text_model_dir
 from pretrain import trainer
+from pretrain.capacity import DataWaitAlarm, WaitInterval, capacity_report, format_capacity
 from pretrain.config import PretrainConfig, deepspeed_config, model_width, resolve_precision
-from pretrain.distributed import World, all_gather_objects, init_distributed, sum_over_ranks
+from pretrain.distributed import (
+    World,
+    all_gather_objects,
+    cores_on_node,
+    init_distributed,
+    ranks_per_node,
+    sum_over_ranks,
+)
 from pretrain.evaluate import evaluate_retrieval, format_retrieval
-from pretrain.flops import forward_flops, training_flops
+from pretrain.flops import peak_bf16_flops
 from pretrain.model import VideoTextModel
 from pretrain.objectives import ClipLoss, PretrainObjectives
 from pretrain.trainer import Trainer, TrainState
 
 log = logging.getLogger(__name__)
 
-# Dense bf16 tensor-core peak per device, for MFU; devices not listed report no MFU.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 LOSS_KEYS = ("loss", "loss_contrastive", "loss_masked_video", "loss_masked_language")
 
 
@@ -79,11 +85,8 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.T
     }
 
 
-def _peak_device_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 class Pretrainer(Trainer):
@@ -141,16 +144,34 @@ class Pretrainer(Trainer):
         )
         self.batches = self._batches()
         """Micro-batches of the reader (a benchmark may swap in its own iterator)."""
-        flops = forward_flops(
-            self.model_config,
-            config.data.max_text_length,
-            mask_ratio=objectives.mask_ratio if objectives.masked_video > 0 else 0.0,
-            mlm_targets=objectives.masked_language > 0,
-            matching=objectives.matching > 0,
-            full_clip_for_contrastive=objectives.contrastive_on_unmasked,
-        )
-        self.flops_per_sample = training_flops(flops, config.model.activation_checkpointing)
+        self.watch_capacity()
         self.last_evaluation: dict[str, float] | None = None
+
+    def watch_capacity(self) -> None:
+        """FLOPs per sample (MFU, HFU), the capacity report, logged at start, and the alarm
+        that tells, once, what a loader that keeps training waiting would need."""
+        config, world = self.config, self.world
+        # MLM on captions that fill data.max_text_length: an upper bound on the masked
+        # tokens, whose head is under 0.5% of the base preset's FLOPs
+        self.capacity = capacity_report(
+            config,
+            gpus_per_node=ranks_per_node(os.environ, world.world_size),
+            cores=cores_on_node(os.environ),
+            model_config=self.model_config,
+        )
+        self.flops_per_sample = self.capacity.model_flops
+        """Model FLOPs per training sample, forward + backward: MFU's."""
+        self.hardware_flops_per_sample = self.capacity.hardware_flops
+        """With the recomputed forward of activation checkpointing: HFU's."""
+        self.device_name = device_name(world.device)
+        self.peak_flops = peak_bf16_flops(self.device_name)
+        self.data_wait_alarm = DataWaitAlarm(self.capacity, self.device_name, self.peak_flops)
+        self.interval = WaitInterval()
+        if world.is_main:
+            for line in format_capacity(self.capacity):
+                log.info("%s", line)
+            for warning in self.capacity.warnings:
+                log.warning("%s", warning)
 
     def reader_config(self, shards: str | list[ShardSource], mode: str) -> ReaderConfig:
         """The reader of ``shards``, a spec or a weighted mix (``mode`` train or eval; eval
@@ -208,7 +229,8 @@ class Pretrainer(Trainer):
             self.config.parallel.micro_batch_size * self.config.parallel.grad_accum_steps
         )
         metrics["clips_per_second_per_rank"] = local_samples / metrics["step_seconds"]
-        return metrics
+        self.interval.add(metrics["step_seconds"], metrics["data_wait_fraction"], local_samples)
+        return metrics | self.interval.metrics()
 
     def step_metrics(self, averaged: dict[str, float]) -> dict[str, float]:
         extra = {
@@ -219,9 +241,17 @@ class Pretrainer(Trainer):
         per_source = {f"source/{name}/delivered": n for name, n in self.reader.delivered.items()}
         per_source |= {f"source/{name}/skipped": n for name, n in self.reader.skipped.items()}
         extra |= {k: round(v) for k, v in sum_over_ranks(per_source, self.world.device).items()}
-        peak = _peak_device_flops(self.world.device)
-        if peak:
-            extra["mfu"] = self.flops_per_sample * averaged["clips_per_second_per_rank"] / peak
+        if self.peak_flops:
+            rate = averaged["clips_per_second_per_rank"] / self.peak_flops
+            extra["mfu"] = self.flops_per_sample * rate
+            if self.hardware_flops_per_sample != self.flops_per_sample:
+                extra["hfu"] = self.hardware_flops_per_sample * rate
+        starved = self.data_wait_alarm.check(
+            averaged["interval_data_wait_fraction"], averaged["interval_clips_per_second_per_rank"]
+        )
+        if starved and self.world.is_main:
+            log.warning("%s", starved)
+        self.interval = WaitInterval()
         module = self.engine.module
         # Under ZeRO-3 a parameter is a shard outside forward; gather it to read it.
         with deepspeed.zero.GatheredParameters([module.logit_scale]):
@@ -233,7 +263,7 @@ class Pretrainer(Trainer):
         return (
             f"step {self.state.step}/{self.config.train.steps}: {shown}, "
             f"{averaged['samples_per_second']:.1f} samples/s, "
-            f"data wait {100 * averaged['data_wait_fraction']:.0f}%"
+            f"data wait {100 * averaged['interval_data_wait_fraction']:.0f}%"
         )
 
     def run_params(self) -> dict[str, Any]:

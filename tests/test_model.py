@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModel, BertModel, VideoMAEConfig, VideoMAEForPreTraining
 
 from data_shards.text import default_text_model_dir
-from pretrain.flops import forward_flops, training_flops
+from pretrain.flops import CHECKPOINTED, forward_flops, hardware_flops, training_flops
 from pretrain.model import VideoTextConfig, VideoTextModel
 from pretrain.objectives import (
     ClipLoss,
@@ -361,6 +361,46 @@ def test_flop_formula_matches_flop_counter(full_clip_for_contrastive):
     # the formula leaves out only the (B, B) similarity that picks the hard negatives
     assert sum(estimate.values()) == pytest.approx(counter.get_total_flops() / BATCH, rel=1e-3)
     assert training_flops(estimate) == pytest.approx(3 * sum(estimate.values()))
+
+
+def counted_training_flops(config, batch, inputs) -> float:
+    """FLOPs the flop counter sees in one forward and backward of every objective."""
+    torch.manual_seed(0)
+    model = VideoTextModel(config).train()
+    with FlopCounterMode(display=False) as counter:
+        output = model(**batch, **inputs, video_text_matching=True)
+        loss = output.masked_video_loss + output.masked_language_loss + output.matching_loss
+        (loss + (output.video_embeds * output.text_embeds).sum()).backward()
+    return counter.get_total_flops()
+
+
+def test_the_recomputed_forward_of_activation_checkpointing_is_counted_apart():
+    """What checkpointing adds (HFU's share, not MFU's) is ``forward_flops(recomputed=True)``:
+    the flop counter's difference with and without it. It is not a whole forward: torch skips
+    what no backward needs (a VideoMAE layer's last feed-forward projection)."""
+    config = VideoTextConfig.tiny(use_matching_head=True, attn_implementation="eager")
+    checkpointed = VideoTextConfig.tiny(
+        use_matching_head=True, attn_implementation="eager", activation_checkpointing=True
+    )
+    batch = make_batch()
+    inputs = masked_inputs(config, batch)
+    counted = counted_training_flops(checkpointed, batch, inputs) - counted_training_flops(
+        config, batch, inputs
+    )
+    settings = dict(
+        mask_ratio=0.75,
+        mlm_targets=(inputs["mlm_labels"] != -100).sum().item() / BATCH,
+        matching=True,
+    )
+    forward = forward_flops(config, LENGTH, **settings)
+    recomputed = forward_flops(config, LENGTH, **settings, recomputed=True)
+    assert set(recomputed) == set(CHECKPOINTED)
+    assert counted / BATCH == pytest.approx(sum(recomputed.values()), rel=1e-3)
+    assert sum(recomputed.values()) < sum(forward[name] for name in CHECKPOINTED)
+    model = training_flops(forward)
+    assert model == pytest.approx(3 * sum(forward.values()))  # MFU: model FLOPs only
+    assert hardware_flops(forward, recomputed) == pytest.approx(model + counted / BATCH, rel=1e-3)
+    assert hardware_flops(forward, {}) == model
 
 
 def test_video_tower_starts_from_videomae_directory(tmp_path):

@@ -120,6 +120,8 @@ def test_check_command_prints_config_without_starting(capsys):
     assert code == 0
     assert '"train_batch_size": 1024' in out
     assert "parameters:" in out
+    assert "H100 (989 TFLOP/s bf16)" in out  # the capacity report, nodes of 8 GPUs by default
+    assert "data.workers 10 per GPU × 8 GPUs per node = 80 processes" in out
     assert main(["pretrain", "--config", str(CONFIGS / "tiny.yaml"), "--set", "x.y=1"]) == 2
 
 

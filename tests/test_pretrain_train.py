@@ -16,6 +16,7 @@ from data_shards.reader import ReaderConfig, build_loader
 from pretrain.config import load_pretrain_config
 from pretrain.distributed import World, init_distributed, shutdown
 from pretrain.evaluate import retrieval_metrics
+from pretrain.flops import forward_flops
 from pretrain.train import Pretrainer
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -79,10 +80,14 @@ def test_a_world_of_one_skips_the_allreduce_and_trains_the_same(
                  "parallel.grad_accum_steps=2")  # fmt: skip
     skipping = Pretrainer(tiny(synthetic_shards, tmp_path / "skip", *overrides), world)
     assert skipping.engine.enable_backward_allreduce is False
+    # MFU's FLOPs: MLM on 15% of a full caption's 14 maskable tokens (a count, not a flag)
+    forward = forward_flops(skipping.model_config, 16, mask_ratio=0.9, mlm_targets=0.15 * 14)
+    assert skipping.flops_per_sample == pytest.approx(3 * sum(forward.values()), rel=1e-12)
     reducing = Pretrainer(tiny(synthetic_shards, tmp_path / "reduce", *overrides), world)
     reducing.engine.enable_backward_allreduce = True
     skipped, reduced = skipping.fit()["history"], reducing.fit()["history"]
     assert [e["step"] for e in skipped] == [1, 2, 3]
+    assert all(0 <= e["interval_data_wait_fraction"] < 1 for e in skipped)
     for key in ("loss", "logit_scale"):  # steps 2-3 see the weights the steps before made
         assert [e[key] for e in skipped] == pytest.approx([e[key] for e in reduced], rel=1e-6)
     assert len({e["loss"] for e in skipped}) > 1
