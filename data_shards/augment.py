@@ -55,11 +55,11 @@ def center_crop_box(height: int, width: int) -> tuple[int, int, int, int]:
     return (height - side) // 2, (width - side) // 2, side, side
 
 
-def resize_square(clip: torch.Tensor, size: int) -> torch.Tensor:
+def resize_square(clip: torch.Tensor, size: int, through_float: bool | None = None) -> torch.Tensor:
     """(T, C, h, w) uint8 → (T, C, size, size) uint8, bilinear, in one call for all frames.
 
-    On the CPU torch resizes uint8 directly (its fastest path); elsewhere through float32,
-    rounded back.
+    On the CPU torch resizes uint8 directly (its fastest path); elsewhere (``through_float``)
+    in float32, rounded back.
     """
     height, width = clip.shape[-2:]
     if (height, width) == (size, size):
@@ -67,7 +67,9 @@ def resize_square(clip: torch.Tensor, size: int) -> torch.Tensor:
     # Antialiasing only matters, and only costs, when shrinking.
     options = {"size": (size, size), "mode": "bilinear", "align_corners": False}
     options["antialias"] = height > size or width > size
-    if clip.device.type == "cpu":
+    if through_float is None:
+        through_float = clip.device.type != "cpu"
+    if not through_float:
         return F.interpolate(clip, **options)
     resized = F.interpolate(clip.float(), **options)
     return resized.round_().clamp_(0, 255).to(torch.uint8)

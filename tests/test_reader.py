@@ -27,7 +27,7 @@ from shard_factory import (
 )
 
 from data_shards import reader
-from data_shards.augment import center_crop, expand_crops, random_resized_crop
+from data_shards.augment import center_crop, expand_crops, random_resized_crop, resize_square
 from data_shards.reader import (
     ReaderConfig,
     build_loader,
@@ -209,6 +209,17 @@ def test_expand_crops_cuts_resizes_and_flips_each_row():
             expected = expected.flip(-1)
         assert torch.equal(samples["video"][index], expected), index
     assert samples["input_ids"].tolist() == [[0, 1], [0, 1], [2, 3], [2, 3]]
+
+
+@pytest.mark.parametrize("size", [12, 40])
+def test_the_accelerator_resize_through_float_matches_the_uint8_one(size):
+    """The path a GPU takes, run here on the CPU: within one grey level of the CPU's."""
+    generator = torch.Generator().manual_seed(1)
+    clip = torch.randint(0, 256, (3, 3, 20, 30), dtype=torch.uint8, generator=generator)
+    direct = resize_square(clip, size, through_float=False).int()
+    through_float = resize_square(clip, size, through_float=True)
+    assert through_float.dtype == torch.uint8 and through_float.shape == (3, 3, size, size)
+    assert (through_float.int() - direct).abs().max() <= 1
 
 
 def test_samples_per_clip_must_divide_the_batch():
