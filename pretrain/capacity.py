@@ -73,9 +73,7 @@ def capacity_report(
         recomputed = pretrain_forward_flops(config, model_config, recomputed=True)
     model = training_flops(forward)
     data = config.data
-    # data.samples_per_clip (k training samples per decoded clip) comes with the reader's
-    # next change; one until then
-    samples_per_clip = getattr(data, "samples_per_clip", 1)
+    samples_per_clip = data.samples_per_clip
     loaders = data.workers * gpus_per_node
     warnings = ()
     if loaders > cores:

@@ -45,7 +45,7 @@ def test_the_report_is_flops_per_clip_and_clips_per_second_at_40_percent_mfu():
     assert h100.clips_per_second == 0.4 * H100 / report.model_flops
     assert h100.decode_processes == pytest.approx(h100.clips_per_second / 20, rel=1e-12)
     assert report.gpus[0].clips_per_second == pytest.approx(0.4 * 312e12 / report.model_flops)
-    # the reader's coming data.samples_per_clip: k training samples per decoded clip
+    # data.samples_per_clip: k training samples per decoded clip
     config.data.samples_per_clip = 4
     quartered = capacity_report(config, gpus_per_node=4, cores=64).gpus[1]
     assert quartered.decode_processes == pytest.approx(h100.clips_per_second / 80, rel=1e-12)
