@@ -10,12 +10,10 @@ import statistics
 from collections.abc import Sequence
 
 
-def spread(values: Sequence[float], digits: int) -> str:
-    """``median [min–max]``."""
-    return (
-        f"{statistics.median(values):.{digits}f} "
-        f"[{min(values):.{digits}f}–{max(values):.{digits}f}]"
-    )
+def spread(values: Sequence[float], digits: int, signed: bool = False) -> str:
+    """``median [min–max]``; ``signed`` for differences, whose range may cross zero."""
+    spec = f"{'+' if signed else ''}.{digits}f"
+    return f"{statistics.median(values):{spec}} [{min(values):{spec}}–{max(values):{spec}}]"
 
 
 def round_ratios(tops: Sequence[float], bottoms: Sequence[float]) -> list[float]:
