@@ -46,7 +46,7 @@ import json
 import multiprocessing
 import random
 import shutil
-import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -64,6 +64,9 @@ from data_shards.reader import ReaderConfig, build_loader, uniform_frame_indices
 from data_shards.shard_set import iter_samples, list_shards
 from data_shards.text import load_tokenizer
 from data_shards.video import decode_clip, write_video
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_stats import ratio_spread, round_ratios, spread  # noqa: E402
 
 SAMPLES_PER_CLIP = (1, 2, 4)
 CLIPS_PER_BATCH = 8
@@ -310,30 +313,13 @@ def measure_round(
 # Report
 
 
-def spread(values: Sequence[float], digits: int) -> str:
-    """``median [min–max]``."""
-    return (
-        f"{statistics.median(values):.{digits}f} "
-        f"[{min(values):.{digits}f}–{max(values):.{digits}f}]"
-    )
-
-
-def verdict(ratios: Sequence[float], target: float) -> str:
-    if min(ratios) >= target:
-        return "met"
-    if max(ratios) < target:
-        return "missed"
-    return "inside the noise"
-
-
 def report(size: Size, rounds: list[dict[str, float]]) -> None:
     def values(name: str) -> list[float]:
         return [figures[name] for figures in rounds]
 
     def ratio(label: str, top: str, bottom: str, target: float | None, digits: int = 2):
-        ratios = [figures[top] / figures[bottom] for figures in rounds]
-        goal = "" if target is None else f"   target ≥ {target:g}: {verdict(ratios, target)}"
-        print(f"{label:<30}{spread(ratios, digits)}{goal}")
+        ratios = round_ratios(values(top), values(bottom))
+        print(f"{label:<30}{ratio_spread(ratios, digits, target)}")
 
     print(f"\n== {size.name}: clips of 4 s at 8 fps, short side {size.side} ==")
     print(

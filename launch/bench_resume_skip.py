@@ -1,19 +1,22 @@
 """Resume cost: how long the training reader takes to pass over samples consumed before a
 checkpoint, against decoding them.
 
-    python launch/bench_resume_skip.py [--skip 10000] [--repeats 3]
+    python launch/bench_resume_skip.py [--skip 10000] [--rounds 3]
 
 One process, no DataLoader workers (the skip runs in each worker alike). Shards of 16-frame
-224×224 H.264 clips (about what ``data_shards.build`` writes for the T16@224 preset). Printed:
-time to the first batch of a fresh pass and of a pass resumed ``--skip`` samples in (best of
-``--repeats``), the difference per skipped sample, and that against the time to decode one
-sample in the same run.
+224×224 H.264 clips (about what ``data_shards.build`` writes for the T16@224 preset). Each of
+``--rounds`` rounds times the first batch of a fresh pass, then the decode cost per sample over
+that pass's next batches, then the first batch of a pass resumed ``--skip`` samples in. Printed,
+each as the median [min–max] of the rounds (``bench_stats``): the two first batches, the skip
+cost (resumed − fresh of the same round), in all and per skipped sample, the decode cost, and
+the ratio of the two per sample, taken within each round. No target.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +27,11 @@ import webdataset as wds
 from data_shards.reader import ReaderConfig, build_loader
 from data_shards.video import encode_clip
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_stats import ratio_spread, round_ratios, spread  # noqa: E402
+
 BATCH = 8
+DECODE_BATCHES = 5
 
 
 def make_shards(directory: Path, shards: int = 4, per_shard: int = 100) -> int:
@@ -47,16 +54,34 @@ def make_shards(directory: Path, shards: int = 4, per_shard: int = 100) -> int:
     return int(np.mean([len(clip) for clip in clips]))
 
 
-def first_batch_seconds(loader) -> float:
+def first_batch_seconds(batches) -> float:
     start = time.perf_counter()
-    next(iter(loader))
+    next(batches)
     return time.perf_counter() - start
+
+
+def decode_seconds_per_sample(batches) -> float:
+    """Per sample, over steady-state batches (after the first, which also fills the buffer)."""
+    start = time.perf_counter()
+    for _ in range(DECODE_BATCHES):
+        next(batches)
+    return (time.perf_counter() - start) / (DECODE_BATCHES * BATCH)
+
+
+def measure_round(config: ReaderConfig, tokenizer, state: dict) -> dict[str, float]:
+    """One round: seconds to the fresh first batch, decode per sample, resumed first batch."""
+    fresh = iter(build_loader(config, tokenizer=tokenizer))
+    figures = {"fresh": first_batch_seconds(fresh), "decode": decode_seconds_per_sample(fresh)}
+    loader = build_loader(config, tokenizer=tokenizer)
+    loader.load_state_dict(state)
+    figures["resumed"] = first_batch_seconds(iter(loader))
+    return figures
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--skip", type=int, default=10_000)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per figure")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         sample_bytes = make_shards(Path(tmp))
@@ -66,27 +91,23 @@ def main() -> None:
         tokenizer = fresh_loader.tokenizer
         state = fresh_loader.state_dict()
         state["positions"] = [args.skip]
-        fresh, resumed = [], []
-        for _ in range(args.repeats):
-            fresh.append(first_batch_seconds(build_loader(config, tokenizer=tokenizer)))
-            loader = build_loader(config, tokenizer=tokenizer)
-            loader.load_state_dict(state)
-            resumed.append(first_batch_seconds(loader))
-        # decoding: a steady-state batch of the fresh pass (the first also fills the buffer)
-        batches = iter(build_loader(config, tokenizer=tokenizer))
-        next(batches)
-        start = time.perf_counter()
-        for _ in range(5):
-            next(batches)
-        decode_per_sample = (time.perf_counter() - start) / (5 * BATCH)
-    skip_cost = min(resumed) - min(fresh)
-    per_sample = skip_cost / args.skip
+        rounds = [measure_round(config, tokenizer, state) for _ in range(args.rounds)]
+
+    def values(name: str) -> list[float]:
+        return [figures[name] for figures in rounds]
+
+    # each round's resumed pass against its own fresh one
+    skip_seconds = [figures["resumed"] - figures["fresh"] for figures in rounds]
+    per_sample = [seconds / args.skip for seconds in skip_seconds]
     print(f"sample size: {sample_bytes / 1e3:.0f} kB (16 frames, 224x224 H.264)")
-    print(f"first batch, fresh pass: {min(fresh):.2f} s")
-    print(f"first batch, resumed {args.skip:,} samples in: {min(resumed):.2f} s")
-    print(f"skip cost: {skip_cost:.2f} s = {per_sample * 1e6:.0f} us per skipped sample")
-    print(f"decode cost: {decode_per_sample * 1e3:.1f} ms per sample")
-    print(f"skipping one sample costs {per_sample / decode_per_sample:.4f} x decoding it")
+    print(f"figures: median [min–max] of {args.rounds} interleaved rounds")
+    print(f"first batch, fresh pass: {spread(values('fresh'), 2)} s")
+    print(f"first batch, resumed {args.skip:,} samples in: {spread(values('resumed'), 2)} s")
+    skip_us = spread([1e6 * seconds for seconds in per_sample], 0, signed=True)
+    print(f"skip cost: {spread(skip_seconds, 2, signed=True)} s = {skip_us} us per skipped sample")
+    print(f"decode cost: {spread([1e3 * s for s in values('decode')], 1)} ms per sample")
+    ratios = round_ratios(per_sample, values("decode"))
+    print(f"skipping one sample costs {ratio_spread(ratios, 4)} x decoding it")
 
 
 if __name__ == "__main__":
