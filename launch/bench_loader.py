@@ -45,6 +45,7 @@ import functools
 import json
 import multiprocessing
 import random
+import resource
 import shutil
 import sys
 import tempfile
@@ -52,6 +53,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from resource import RUSAGE_CHILDREN, RUSAGE_SELF
 from typing import Any
 
 import av
@@ -266,6 +268,43 @@ def reader_rate(
     raise RuntimeError(f"{shards}: the reader ended before {batches} batches")
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """(this process, its finished children): user + system CPU seconds so far."""
+    own, children = (resource.getrusage(who) for who in (RUSAGE_SELF, RUSAGE_CHILDREN))
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+
+
+def reader_cpu(shards: Path, size: Size, workers: int, tokenizer) -> tuple[float, float]:
+    """Marginal CPU ms per clip of a train reader pass, (main process, workers): the
+    difference between a pass of 20 batches and one of 4, so that start-up (worker spawn,
+    shuffle-buffer fill) cancels out. Load on the machine stretches wall time, much less CPU
+    time: these figures are the ones to read on a shared machine."""
+
+    def one_pass(batches: int) -> tuple[float, float, int]:
+        config = ReaderConfig(
+            shards=str(shards), num_frames=size.frames, size=size.side,
+            batch_size=CLIPS_PER_BATCH, num_workers=workers, epoch_size=CLIPS_PER_BATCH * batches,
+        )  # fmt: skip
+        (own, children), clips = cpu_seconds(), 0
+        for batch in build_loader(config, tokenizer=tokenizer):  # workers joined at the end
+            clips += training_samples(batch)
+        own_after, children_after = cpu_seconds()
+        return own_after - own, children_after - children, clips
+
+    short, long = one_pass(4), one_pass(20)
+    clips = long[2] - short[2]
+    return 1e3 * (long[0] - short[0]) / clips, 1e3 * (long[1] - short[1]) / clips
+
+
+def limit_cpu(clips: list[Clip], frames: int, count: int = 48) -> float:
+    """CPU ms per clip of the decode-limit loop, in this process."""
+    decode_least(clips[0].mp4, frames)
+    started = time.process_time()
+    for index in range(count):
+        decode_least(clips[index % len(clips)].mp4, frames)
+    return 1e3 * (time.process_time() - started) / count
+
+
 def expand_seconds(batch: dict[str, Any], side: int, calls: int = 3) -> tuple[float, int]:
     """(seconds, training samples) of ``calls`` calls of ``expand_crops`` on ``batch``; none
     for a batch without crop boxes (one already cropped in the worker)."""
@@ -299,6 +338,9 @@ def measure_round(
     figures["reader 1w"], batch = reader_rate(shards, size, 1, batches, tokenizer)
     figures["reader 2w"], _ = reader_rate(shards, size, 2, batches, tokenizer)
     if size.targeted:
+        figures["cpu limit"] = limit_cpu(clips, frames)
+        figures["cpu in-process"] = sum(reader_cpu(shards, size, 0, tokenizer))
+        figures["cpu main"], figures["cpu worker"] = reader_cpu(shards, size, 1, tokenizer)
         figures["k=1"] = figures["reader 1w"]  # samples_per_clip defaults to 1
         expand_time, expanded = expand_seconds(batch, side)
         for k in SAMPLES_PER_CLIP[1:]:
@@ -336,6 +378,12 @@ def report(size: Size, rounds: list[dict[str, float]]) -> None:
     ratio("reader 1w / naive loader:", "reader 1w", "naive", 5, digits=1)
     if not size.targeted:
         return
+    print(f"{'CPU ms per clip, limit loop:':<30}{spread(values('cpu limit'), 1)}")
+    print(f"{'  reader without workers:':<30}{spread(values('cpu in-process'), 1)}")
+    print(f"{'  reader, its 1 worker:':<30}{spread(values('cpu worker'), 1)}")
+    print(f"{'  reader, main process:':<30}{spread(values('cpu main'), 1)}")
+    ratio("CPU, limit / no-worker reader:", "cpu limit", "cpu in-process", 0.9)
+    ratio("CPU, limit / reader worker:", "cpu limit", "cpu worker", 0.9)
     for k in SAMPLES_PER_CLIP:
         print(f"{f'reader 1 worker, k = {k}:':<30}{spread(values(f'k={k}'), 1)} training samples/s")
     for k in SAMPLES_PER_CLIP[1:]:
