@@ -74,7 +74,9 @@ def forward_flops(
         if recomputed:
             # torch's checkpoint stops recomputing once every tensor backward needs is back:
             # the last feed-forward projection of a pre-norm (VideoMAE) layer feeds only the
-            # residual sum and is skipped; BERT's post-norm layers are recomputed whole
+            # residual sum and is skipped; BERT's post-norm layers are recomputed whole. Under
+            # ZeRO-3, DeepSpeed's memory-efficient F.linear saves differently and that
+            # projection is recomputed too: the recompute, and HFU, are then slightly more
             flops -= count * 2 * length * intermediate * width
         return flops
 

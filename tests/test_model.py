@@ -3,6 +3,7 @@
 import math
 import time
 
+import deepspeed
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -374,10 +375,20 @@ def counted_training_flops(config, batch, inputs) -> float:
     return counter.get_total_flops()
 
 
-def test_the_recomputed_forward_of_activation_checkpointing_is_counted_apart():
+def test_the_recomputed_forward_of_activation_checkpointing_is_counted_apart(monkeypatch):
     """What checkpointing adds (HFU's share, not MFU's) is ``forward_flops(recomputed=True)``:
     the flop counter's difference with and without it. It is not a whole forward: torch skips
-    what no backward needs (a VideoMAE layer's last feed-forward projection)."""
+    what no backward needs (a VideoMAE layer's last feed-forward projection).
+
+    With torch's own ``F.linear``: a ZeRO-3 engine built earlier in this process (the export
+    tests) leaves DeepSpeed's memory-efficient linear in its place for good, and under that
+    one the last projection is recomputed too (see ``pretrain.flops``)."""
+    stock_linear = getattr(
+        deepspeed.runtime.zero.partition_parameters.InsertPostInitMethodToModuleSubClasses,
+        "linear_bk",
+        torch.nn.functional.linear,
+    )
+    monkeypatch.setattr(torch.nn.functional, "linear", stock_linear)
     config = VideoTextConfig.tiny(use_matching_head=True, attn_implementation="eager")
     checkpointed = VideoTextConfig.tiny(
         use_matching_head=True, attn_implementation="eager", activation_checkpointing=True
