@@ -66,8 +66,9 @@ def build_engine(module: torch.nn.Module, config: FinetuneConfig, world: World, 
 
 
 class Finetuner(Trainer):
-    """One finetuning job. ``fit()`` trains to ``train.steps``, evaluates the content model and
-    the baselines on the validation and test splits, and returns the metrics."""
+    """One finetuning job. ``fit()`` trains to ``train.steps``, evaluates the recommender
+    (``content`` or ``hybrid``, by its item tower) and the baselines on the validation and test
+    splits, and returns the metrics."""
 
     stage = "finetune"
     loss_curve_keys = ("loss", "loss_bce", "id_sasrec_loss")
@@ -100,7 +101,8 @@ class Finetuner(Trainer):
         self.tokenizer = load_tokenizer(resolve_text_model_dir(encoder.config.text_model_dir))
         self.items = self._item_source(encoder, self.data.catalogue)
 
-        # --- the content model
+        # --- the recommender
+        self.model_name = report.model_name(config.model.id_embeddings)
         self.spec = RecommenderSpec.from_config(config, encoder.config.embed_dim, self.num_items)
         self.zero3 = config.parallel.zero_stage == 3
         # under ZeRO-3, items embedded with every batch so that every rank runs both encoders
@@ -192,20 +194,25 @@ class Finetuner(Trainer):
         return self.evaluation.evaluate(module, items, splits)
 
     def evaluate(self) -> dict[str, Any]:
-        """The periodic evaluation: the content model on the validation split."""
+        """The periodic evaluation: the recommender on the validation split."""
         valid = self.evaluate_model(self.engine.module, self.items, splits=("valid",))
         if self.world.is_main:
-            metrics = report.mlflow_metrics({"valid": {"content": valid["valid"]}})
+            metrics = report.mlflow_metrics({"valid": {self.model_name: valid["valid"]}})
             self.tracker.log_metrics(metrics, self.state.step)
         return valid
 
     def id_sasrec_fingerprint(self) -> str:
         """What the baseline depends on: the data, the settings its model, loss, engine and
         seeds come from, the world size, and the data files' content (not the main training's
-        length, its encoders or where the run is written)."""
+        length, its encoders, whether its item tower adds IDs to content, the other baselines,
+        or where the run is written: a content and a hybrid run share one baseline)."""
         resolved, data = self.resolved, self.config.data
         sections = ("data", "model", "loss", "baselines", "optimizer", "parallel")
         record = {name: resolved[name] for name in sections}
+        record["model"] = {k: v for k, v in record["model"].items() if k != "id_embeddings"}
+        record["baselines"] = {
+            k: v for k, v in record["baselines"].items() if k.startswith("id_sasrec")
+        }
         record |= {
             "seed": resolved["train"]["seed"],
             "max_nonfinite_streak": resolved["train"]["max_nonfinite_streak"],
@@ -281,13 +288,14 @@ class Finetuner(Trainer):
         return engine.module
 
     def final_report(self) -> dict[str, Any]:
-        """The content model and the baselines on valid and test: metrics.json, a comparison
+        """The recommender and the baselines on valid and test: metrics.json, a comparison
         plot and MLflow metrics."""
-        by_model = {"content": self.evaluate_model(self.engine.module, self.items)}
-        if self.config.baselines.id_sasrec:
-            by_model["id_sasrec"] = self.evaluation.evaluate(*self.id_sasrec())
-        if self.config.baselines.popularity:
-            by_model["popularity"] = self.evaluation.popularity(self.batcher.popularity)
+        baselines = self.config.baselines
+        by_model = {self.model_name: self.evaluate_model(self.engine.module, self.items)}
+        if baselines.id_sasrec:
+            by_model[report.ID_SASREC] = self.evaluation.evaluate(*self.id_sasrec())
+        if baselines.popularity:
+            by_model[report.POPULARITY] = self.evaluation.popularity(self.batcher.popularity)
         results = {
             "step": self.state.step,
             "encoder_mode": self.config.encoder.mode,
