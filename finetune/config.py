@@ -157,6 +157,9 @@ class BaselineSettings:
     """Train an ID-only SASRec (same user tower and head) in-process and evaluate it."""
     id_sasrec_steps: int = 200
     id_sasrec_lr: float = 1e-3
+    content_knn: bool = True
+    """Score items by the cosine of their pretrained content embedding to the mean of the
+    user's history (training-free: what the trained user tower adds over pretraining)."""
 
     def __post_init__(self):
         if self.id_sasrec_steps < 1 or self.id_sasrec_lr <= 0:

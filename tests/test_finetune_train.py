@@ -200,7 +200,7 @@ def test_row_weights_follow_the_weight_column_into_the_loss(frozen_run, world): 
     assert torch.isfinite(weighted) and not torch.isclose(weighted, plain)
 
 
-MODELS = ("content", "ID-SASRec", "popularity")
+MODELS = ("content", "ID-SASRec", "popularity", "content-kNN")
 """What the report calls the content model and the baselines, in its order."""
 
 
@@ -235,7 +235,7 @@ def test_mlflow_run_records_params_metrics_artifacts_and_pretrain_run(frozen_run
     assert run.data.tags["vidrec.pretrain_run_id"] == PRETRAIN_RUN_ID
     metrics = run.data.metrics
     assert {"loss", "test/content/cold/hr_at_10", "test/ID-SASRec/warm/ndcg_at_10"} <= set(metrics)
-    assert "test/popularity/all/mrr" in metrics
+    assert {"test/popularity/all/mrr", "test/content-kNN/cold/ndcg_at_10"} <= set(metrics)
     assert "valid/content/warm/hr_at_10" in metrics
     names = {a.path for a in client.list_artifacts(run.info.run_id, "metrics")}
     assert {"metrics/metrics.json", "metrics/comparison.png"} <= names
@@ -262,7 +262,9 @@ def test_end_to_end_mode_learns_and_trains_the_top_blocks(world, synthetic_shard
     top_video = "video_model.encoder.layer.1."
     assert any(k.startswith(top_video) for k in changed)
     assert not any(k.startswith("video_model.encoder.layer.0.") for k in changed)
-    assert set(results["metrics"]["test"]) == {"content"}
+    # content-kNN reads the pretrained content, cached before the encoders train
+    assert set(results["metrics"]["test"]) == {"content", "content-kNN"}
+    assert (tmp_path / "e2e" / "item_content.safetensors").is_file()
 
 
 def test_shipped_configs_load_and_errors_name_the_field(synthetic_shards, tmp_path):
