@@ -119,7 +119,8 @@ class FinetuneModelSettings:
     """dot: cosine × learnable scale (retrieval); mlp: pairwise MLP (re-ranking, costly)."""
     temperature: float = 0.05
     id_embeddings: bool = False
-    """Hybrid item tower: content plus a learned ID embedding for warm items."""
+    """Hybrid item tower: content plus a learned ID embedding for warm items. Off: on the demo
+    data the hybrid ranks below content alone, warm and cold-start (BENCHMARKS.md)."""
 
     def __post_init__(self):
         if self.dim < 0 or self.user_layers < 1 or self.user_heads < 1:
