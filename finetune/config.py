@@ -119,7 +119,8 @@ class FinetuneModelSettings:
     """dot: cosine × learnable scale (retrieval); mlp: pairwise MLP (re-ranking, costly)."""
     temperature: float = 0.05
     id_embeddings: bool = False
-    """Hybrid item tower: content plus a learned ID embedding for warm items."""
+    """Hybrid item tower: content plus a learned ID embedding for warm items. Off: on the demo
+    data the hybrid ranks below content alone, warm and cold-start (BENCHMARKS.md)."""
 
     def __post_init__(self):
         if self.dim < 0 or self.user_layers < 1 or self.user_heads < 1:
@@ -157,6 +158,9 @@ class BaselineSettings:
     """Train an ID-only SASRec (same user tower and head) in-process and evaluate it."""
     id_sasrec_steps: int = 200
     id_sasrec_lr: float = 1e-3
+    content_knn: bool = True
+    """Score items by the cosine of their pretrained content embedding to the mean of the
+    user's history (training-free: what the trained user tower adds over pretraining)."""
 
     def __post_init__(self):
         if self.id_sasrec_steps < 1 or self.id_sasrec_lr <= 0:

@@ -1,26 +1,30 @@
-"""Leave-one-out evaluation of a recommender by full ranking, and the popularity baseline on
-the same split: ``{split: {group: {metric}}}`` per model, ``auc`` on labelled rows.
+"""Leave-one-out evaluation of a recommender by full ranking, and the training-free baselines
+(popularity, content-kNN) on the same split: ``{split: {group: {metric}}}`` per model, ``auc``
+on labelled rows.
 
 Every rank embeds (the same module calls everywhere, as ZeRO-3 requires); rank 0 ranks and
-broadcasts. Shapes: U evaluation users, L history window, D embedding size, N items.
+broadcasts. Shapes: U evaluation users, L history window, D embedding size, E pretrained
+embedding size, N items.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import deepspeed
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from finetune import report
-from finetune.batches import user_windows
+from finetune.batches import Windows, user_windows
 from finetune.interactions import EvalSet, InteractionData
 from finetune.item_source import ItemSource
-from finetune.metrics import auc, evaluate_popularity, evaluate_ranking
-from finetune.model import PAD_ID, IDOnlyItemTower, Recommender
+from finetune.metrics import auc, embedding_score_fn, evaluate_popularity, evaluate_ranking
+from finetune.model import PAD_ID, ContentEmbeddings, IDOnlyItemTower, Recommender
 from finetune.recommender import RecommenderSpec, build_model
 from pretrain.distributed import World, broadcast_object
 from pretrain.model import VideoTextConfig, VideoTextModel
@@ -41,22 +45,29 @@ class RankingEvaluation:
         self.max_history_length, self.user_chunk = max_history_length, user_chunk
 
     @torch.no_grad()
-    def user_states(self, module: Recommender, items: torch.Tensor, eval_set: EvalSet):
-        """(U, D) state after each evaluation user's history window."""
+    def window_states(self, eval_set: EvalSet, state_fn: Callable[[Windows], torch.Tensor]):
+        """(U, D) ``state_fn`` of each evaluation user's history window, users in chunks."""
         times = self.times_by_row[eval_set.histories.rows]
-        device = self.world.device
         states = []
         for start in range(0, len(eval_set.users), self.user_chunk):
             users = np.arange(start, min(start + self.user_chunk, len(eval_set.users)))
-            window = user_windows(eval_set.histories, times, users, self.max_history_length)
             states.append(
-                module.last_user_states(
-                    items[window.items.to(device)],
-                    (window.items != PAD_ID).to(device),
-                    window.time_gaps.to(device),
-                )
+                state_fn(user_windows(eval_set.histories, times, users, self.max_history_length))
             )
         return torch.cat(states)
+
+    def user_states(self, module: Recommender, items: torch.Tensor, eval_set: EvalSet):
+        """(U, D) state after each evaluation user's history window."""
+        device = self.world.device
+
+        def last_state(window: Windows) -> torch.Tensor:
+            return module.last_user_states(
+                items[window.items.to(device)],
+                (window.items != PAD_ID).to(device),
+                window.time_gaps.to(device),
+            )
+
+        return self.window_states(eval_set, last_state)
 
     def evaluate(
         self, module: Recommender, items: ItemSource, splits=("valid", "test")
@@ -92,12 +103,18 @@ class RankingEvaluation:
         return report.nest(flat)
 
     def _auc(self, module, split: str, states: torch.Tensor, items: torch.Tensor) -> float:
+        return self._pair_auc(
+            split, lambda u, i: module.head.score_pairs(states[u.to(states.device)], items[i])
+        )
+
+    def _pair_auc(self, split: str, pair_scores) -> float:
+        """AUC of ``pair_scores(users (P,), items (P,)) -> (P,)`` on ``split``'s labelled rows;
+        NaN without both labels."""
         rows = self.data.pointwise(split)
         if len(np.unique(rows["label"])) < 2:
             return math.nan
-        users = torch.from_numpy(rows["user"]).to(states.device)
-        scores = module.head.score_pairs(states[users], items[torch.from_numpy(rows["item"])])
-        return auc(scores, rows["label"])
+        users, items = torch.from_numpy(rows["user"]), torch.from_numpy(rows["item"])
+        return auc(pair_scores(users, items), rows["label"])
 
     def popularity(self, popularity: np.ndarray) -> dict[str, Any]:
         """The popularity baseline (``popularity``: (N + 1,) training counts)."""
@@ -115,6 +132,32 @@ class RankingEvaluation:
             rows = self.data.pointwise(split)
             results[split]["auc"] = auc(popularity[rows["item"]], rows["label"])
         return results
+
+    def content_knn(self, content: ContentEmbeddings) -> dict[str, Any]:
+        """The training-free content-kNN baseline: a user is the mean of the pretrained joint
+        embeddings (``content``: the cache of the pretrained encoders, (N + 1) rows) of the
+        items in its history window, and every item is scored by its cosine to that mean.
+        Rank 0 scores; every rank must call this together."""
+        results = {}
+        if self.world.is_main:
+            items = content.joint_embedding()  # (N + 1, E), unit rows, zero at padding
+            for split in ("valid", "test"):
+                eval_set = self.data.eval_set(split)
+                users = self.window_states(eval_set, lambda w: history_mean(items, w.items))
+                results[split] = self._rank(eval_set, embedding_score_fn(users, items))
+                results[split]["auc"] = self._pair_auc(
+                    split, lambda u, i, s=users: (s[u] * items[i]).sum(dim=-1)
+                )
+        return broadcast_object(results)
+
+
+def history_mean(item_embeddings: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+    """(U, E) unit mean of the (N + 1, E) ``item_embeddings`` of each (U, L) window's items
+    (``PAD_ID`` slots left out; zero for an empty window)."""
+    windows = windows.to(item_embeddings.device)
+    real = (windows != PAD_ID).unsqueeze(-1)  # (U, L, 1)
+    total = (item_embeddings[windows] * real).sum(dim=1)  # (U, E): the mean's direction
+    return F.normalize(total, dim=-1)
 
 
 def gathered_copy(

@@ -73,6 +73,13 @@ class ContentEmbeddings:
     def to(self, device: torch.device | str) -> ContentEmbeddings:
         return ContentEmbeddings(*(getattr(self, f.name).to(device) for f in fields(self)))
 
+    def joint_embedding(self) -> torch.Tensor:
+        """(..., E) the items in the pretrained joint space: their available modalities mixed
+        evenly and renormalized (what an untrained ``ItemTower.combine`` computes before its
+        projection); zero without content."""
+        mixed = self.video_mask[..., None] * self.video + self.text_mask[..., None] * self.text
+        return F.normalize(mixed, dim=-1)
+
 
 class ItemTower(nn.Module):
     """Item embedding from clips and text (either may be missing), optionally plus a learned ID.

@@ -2,8 +2,11 @@
 chart, and the flat names MLflow accepts.
 
 Layout of ``metrics.json``'s ``metrics``: ``{split: {model: {group: {metric: value}, "auc":
-value}}}`` with splits ``valid``/``test``, models ``content``/``id_sasrec``/``popularity``,
-groups ``all``/``warm``/``cold`` and metrics ``count``, ``hr@K``, ``ndcg@K``, ``mrr``.
+value}}}`` with splits ``valid``/``test``, models named by what they are (``content`` or
+``hybrid``, the trained recommender by its item tower; the baselines ``ID-SASRec``,
+``popularity``, ``content-kNN``), groups ``all``/``warm``/``cold`` and metrics ``count``,
+``hr@K``, ``ndcg@K``, ``mrr``. The same names head the table, the plot's legend and the MLflow
+metrics (``test/hybrid/warm/ndcg_at_10``).
 """
 
 from __future__ import annotations
@@ -17,9 +20,17 @@ from typing import Any
 
 from data_shards.atomic import atomic_write_bytes
 
-MODEL_NAMES = {"content": "content", "id_sasrec": "ID-SASRec", "popularity": "popularity"}
+CONTENT, HYBRID = "content", "hybrid"
+"""The trained recommender: its item tower from content alone, or content plus learned IDs."""
+ID_SASREC, POPULARITY, CONTENT_KNN = "ID-SASRec", "popularity", "content-kNN"
+"""The baselines: learned IDs only, training counts, pretrained content without training."""
 TABLE_METRICS = ("hr@10", "hr@20", "hr@50", "ndcg@10", "ndcg@20", "ndcg@50", "mrr")
 PLOT_METRICS = ("hr@10", "ndcg@10")
+
+
+def model_name(id_embeddings: bool) -> str:
+    """The trained recommender's name: ``hybrid`` with learned item IDs, else ``content``."""
+    return HYBRID if id_embeddings else CONTENT
 
 
 def nest(flat: Mapping[str, float]) -> dict[str, dict[str, float]]:
@@ -45,9 +56,9 @@ def table(split_metrics: Mapping[str, Any]) -> str:
                 continue
             cells = " ".join(f"{values.get(name, math.nan):8.4f}" for name in TABLE_METRICS)
             count = int(values.get("count", 0))
-            lines.append(f"{MODEL_NAMES.get(model, model):<12} {group:<6} {count:>6} {cells}")
+            lines.append(f"{model:<12} {group:<6} {count:>6} {cells}")
         if not math.isnan(groups.get("auc", math.nan)):
-            lines.append(f"{MODEL_NAMES.get(model, model):<12} AUC {groups['auc']:.4f}")
+            lines.append(f"{model:<12} AUC {groups['auc']:.4f}")
     return "\n".join(lines)
 
 
@@ -68,7 +79,7 @@ def plot_comparison(split_metrics: Mapping[str, Any], path: str | Path) -> Path:
                 for group in ("warm", "cold")
             ]
             positions = [g + (offset - (len(models) - 1) / 2) * width for g in range(2)]
-            bars = ax.bar(positions, values, width, label=MODEL_NAMES.get(model, model))
+            bars = ax.bar(positions, values, width, label=model)
             ax.bar_label(bars, fmt="%.3f", fontsize=7)
         ax.set_xticks(range(2), ["warm targets", "cold-start targets"])
         ax.set_title(metric.upper())

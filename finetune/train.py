@@ -3,8 +3,9 @@
 Next-item training (SASRec style) of the recommender on every position of each user's
 training sequence, with in-batch + uniform negatives and the logQ correction, the whole loss
 inside the engine's forward (``finetune.objective``; ZeRO-3 weights exist only there); then
-leave-one-out evaluation by full ranking (``finetune.evaluate``) against two baselines trained
-and scored on the same split in the same run: popularity and an ID-only SASRec. Runs unchanged
+leave-one-out evaluation by full ranking (``finetune.evaluate``) against baselines scored on
+the same split in the same run: popularity, an ID-only SASRec, and content-kNN (the pretrained
+content alone, no training). Runs unchanged
 under ``deepspeed``, ``torchrun``, SLURM and as a plain process; files, MLflow and progress
 bars come from global rank 0 only.
 """
@@ -38,7 +39,7 @@ from finetune.item_content import (
     tokenize_catalogue,
 )
 from finetune.item_source import ItemSource
-from finetune.model import Recommender
+from finetune.model import ContentEmbeddings, Recommender
 from finetune.objective import NextItemBatch
 from finetune.recommender import RecommenderSpec, build_model, load_encoder
 from pretrain import checkpoint, trainer
@@ -66,8 +67,9 @@ def build_engine(module: torch.nn.Module, config: FinetuneConfig, world: World, 
 
 
 class Finetuner(Trainer):
-    """One finetuning job. ``fit()`` trains to ``train.steps``, evaluates the content model and
-    the baselines on the validation and test splits, and returns the metrics."""
+    """One finetuning job. ``fit()`` trains to ``train.steps``, evaluates the recommender
+    (``content`` or ``hybrid``, by its item tower) and the baselines on the validation and test
+    splits, and returns the metrics."""
 
     stage = "finetune"
     loss_curve_keys = ("loss", "loss_bce", "id_sasrec_loss")
@@ -98,9 +100,10 @@ class Finetuner(Trainer):
         encoder.to(world.device)
         self.encoder_config = encoder.config
         self.tokenizer = load_tokenizer(resolve_text_model_dir(encoder.config.text_model_dir))
-        self.items = self._item_source(encoder, self.data.catalogue)
+        self.items, self.pretrained_content = self._item_source(encoder, self.data.catalogue)
 
-        # --- the content model
+        # --- the recommender
+        self.model_name = report.model_name(config.model.id_embeddings)
         self.spec = RecommenderSpec.from_config(config, encoder.config.embed_dim, self.num_items)
         self.zero3 = config.parallel.zero_stage == 3
         # under ZeRO-3, items embedded with every batch so that every rank runs both encoders
@@ -119,9 +122,12 @@ class Finetuner(Trainer):
     def num_items(self) -> int:
         return self.data.num_items
 
-    def _item_source(self, encoder, catalogue) -> ItemSource:
-        """Cached content (frozen encoders) or the clip store and texts (encoders that train)."""
-        data_config, world = self.config.data, self.world
+    def _item_source(self, encoder, catalogue) -> tuple[ItemSource, ContentEmbeddings | None]:
+        """Cached content (frozen encoders) or the clip store and texts (encoders that train),
+        and the pretrained encoders' content of every item: the frozen mode's cache, which the
+        content-kNN baseline also reads (encoders that train: computed here, before they do;
+        None when neither needs it)."""
+        data_config, world, config = self.config.data, self.world, self.config
         video = encoder.config.video_config
         tokenizer = self.tokenizer
         texts = tokenize_catalogue(catalogue, tokenizer, data_config.max_text_length)
@@ -139,13 +145,17 @@ class Finetuner(Trainer):
             texts=texts,
             content_batch_size=data_config.content_batch_size,
         )
-        if self.config.encoder.mode == "frozen":
-            items.cache = load_or_compute_content(
+        frozen = config.encoder.mode == "frozen"
+        content = None
+        if frozen or config.baselines.content_knn:
+            content = load_or_compute_content(
                 self.output_dir / CACHE_FILE, encoder, texts, sources, reading
             ).to(world.device)
+        if frozen:
+            items.cache = content
         else:
             items.clips = build_clip_store(self.output_dir, sources, self.num_items, reading)
-        return items
+        return items, content
 
     # ----------------------------------------------------------------------------- loop hooks
 
@@ -192,20 +202,25 @@ class Finetuner(Trainer):
         return self.evaluation.evaluate(module, items, splits)
 
     def evaluate(self) -> dict[str, Any]:
-        """The periodic evaluation: the content model on the validation split."""
+        """The periodic evaluation: the recommender on the validation split."""
         valid = self.evaluate_model(self.engine.module, self.items, splits=("valid",))
         if self.world.is_main:
-            metrics = report.mlflow_metrics({"valid": {"content": valid["valid"]}})
+            metrics = report.mlflow_metrics({"valid": {self.model_name: valid["valid"]}})
             self.tracker.log_metrics(metrics, self.state.step)
         return valid
 
     def id_sasrec_fingerprint(self) -> str:
         """What the baseline depends on: the data, the settings its model, loss, engine and
         seeds come from, the world size, and the data files' content (not the main training's
-        length, its encoders or where the run is written)."""
+        length, its encoders, whether its item tower adds IDs to content, the other baselines,
+        or where the run is written: a content and a hybrid run share one baseline)."""
         resolved, data = self.resolved, self.config.data
         sections = ("data", "model", "loss", "baselines", "optimizer", "parallel")
         record = {name: resolved[name] for name in sections}
+        record["model"] = {k: v for k, v in record["model"].items() if k != "id_embeddings"}
+        record["baselines"] = {
+            k: v for k, v in record["baselines"].items() if k.startswith("id_sasrec")
+        }
         record |= {
             "seed": resolved["train"]["seed"],
             "max_nonfinite_streak": resolved["train"]["max_nonfinite_streak"],
@@ -281,13 +296,16 @@ class Finetuner(Trainer):
         return engine.module
 
     def final_report(self) -> dict[str, Any]:
-        """The content model and the baselines on valid and test: metrics.json, a comparison
+        """The recommender and the baselines on valid and test: metrics.json, a comparison
         plot and MLflow metrics."""
-        by_model = {"content": self.evaluate_model(self.engine.module, self.items)}
-        if self.config.baselines.id_sasrec:
-            by_model["id_sasrec"] = self.evaluation.evaluate(*self.id_sasrec())
-        if self.config.baselines.popularity:
-            by_model["popularity"] = self.evaluation.popularity(self.batcher.popularity)
+        baselines = self.config.baselines
+        by_model = {self.model_name: self.evaluate_model(self.engine.module, self.items)}
+        if baselines.id_sasrec:
+            by_model[report.ID_SASREC] = self.evaluation.evaluate(*self.id_sasrec())
+        if baselines.popularity:
+            by_model[report.POPULARITY] = self.evaluation.popularity(self.batcher.popularity)
+        if baselines.content_knn:
+            by_model[report.CONTENT_KNN] = self.evaluation.content_knn(self.pretrained_content)
         results = {
             "step": self.state.step,
             "encoder_mode": self.config.encoder.mode,

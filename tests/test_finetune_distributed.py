@@ -95,7 +95,7 @@ def test_two_ranks_finetune_and_resume_after_sigkill(synthetic_shards, tmp_path)
 
     results = json.loads((output / "metrics.json").read_text())
     assert results["step"] == STEPS
-    for model in ("content", "id_sasrec", "popularity"):
+    for model in ("content", "ID-SASRec", "popularity", "content-kNN"):
         assert {"warm", "cold"} <= set(results["metrics"]["test"][model])
 
     client = MlflowClient(tracking_uri=f"sqlite:///{output}/mlflow.db")

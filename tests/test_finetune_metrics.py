@@ -1,4 +1,5 @@
-"""Full-ranking metrics against rankings worked out by hand, chunking, exclusion, ties, AUC."""
+"""Full-ranking metrics against rankings worked out by hand, chunking, exclusion, ties, AUC;
+the content-kNN baseline on a hand-made catalogue."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from finetune.catalogue import read_catalogue
+from finetune.evaluate import RankingEvaluation
+from finetune.interactions import load_interactions
 from finetune.metrics import (
     auc,
     embedding_score_fn,
@@ -16,6 +20,8 @@ from finetune.metrics import (
     rank_targets,
     ranking_metrics,
 )
+from finetune.model import ContentEmbeddings
+from pretrain.distributed import World
 
 # Five items with one-dimensional embeddings; a user state of [1] scores each item by its value.
 # Scores by item: 0 → 5, 1 → 3, 2 → 4, 3 → 1, 4 → 2, so the order is 0, 2, 1, 4, 3.
@@ -198,3 +204,45 @@ def test_auc_agrees_with_the_pairwise_definition():
         positives[:, None] == negatives[None, :]
     )
     assert auc(scores, labels) == pytest.approx(pairs.mean())
+
+
+# Six items with two-dimensional pretrained content (row 0 padding): i1 (1, 0), i2 (0, 1) and
+# i5 (0.8, -0.6), i6 (-1, 0) have a clip; i3 a clip (1, 0) and a text (0, 1), so its joint
+# embedding is (1, 1)/√2; i4 a text (0.6, 0.8) only, and is a cold-start item.
+KNN_VIDEO = [[0, 0], [1, 0], [0, 1], [1, 0], [0, 0], [0.8, -0.6], [-1, 0]]
+KNN_TEXT = [[0, 0], [0, 0], [0, 0], [0, 1], [0.6, 0.8], [0, 0], [0, 0]]
+# u1: i1, i2 (valid), i4 (test, cold). u2: i6, i5, i1 (valid), i3 (test, warm).
+KNN_LOG = [("u1", "i1", 1), ("u1", "i2", 2), ("u1", "i4", 3),
+           ("u2", "i6", 1), ("u2", "i5", 2), ("u2", "i1", 3), ("u2", "i3", 4)]  # fmt: skip
+
+
+def knn_test_split(tmp_path, window: int) -> dict:
+    catalogue = tmp_path / "items.jsonl"
+    catalogue.write_text("".join(f'{{"item_id": "i{i}"}}\n' for i in range(1, 7)))
+    log = tmp_path / "log.csv"
+    log.write_text("user_id,item_id,timestamp\n" + "".join(f"{u},{i},{t}\n" for u, i, t in KNN_LOG))
+    data = load_interactions(log, read_catalogue(catalogue), cold_items={"i4"})
+    times_by_row = np.zeros(int(data.row.max()) + 1)
+    times_by_row[data.row] = data.timestamp
+    video, text = torch.tensor(KNN_VIDEO), torch.tensor(KNN_TEXT)
+    content = ContentEmbeddings(video, text, video.norm(dim=1) > 0, text.norm(dim=1) > 0)
+    one_rank = World(0, 1, 0, torch.device("cpu"))
+    evaluation = RankingEvaluation(data, times_by_row, window, 256, one_rank)
+    return evaluation.content_knn(content)["test"]
+
+
+def test_content_knn_ranks_by_the_cosine_to_the_mean_of_the_history_window(tmp_path):
+    # Test split, window of 2 (the history's last two items; the whole history is excluded):
+    # u1 saw i1, i2: mean direction (1, 1)/√2. Left to rank: i3 1.0, i4 0.990, i5 0.141,
+    #   i6 -0.707, so the cold target i4 is 2nd.
+    # u2 saw i6, i5, i1, window i5, i1: (1.8, -0.6) → (0.949, -0.316). Left: i3 0.447,
+    #   i4 0.316, i2 -0.316, so the warm target i3 is 1st.
+    test = knn_test_split(tmp_path, window=2)
+    assert test["cold"]["count"] == 1 and test["warm"]["count"] == 1
+    assert test["cold"]["mrr"] == pytest.approx(1 / 2)
+    assert test["cold"]["ndcg@10"] == pytest.approx(1 / math.log2(3))
+    assert test["warm"]["mrr"] == pytest.approx(1.0) and test["warm"]["ndcg@10"] == 1.0
+    assert test["all"]["hr@10"] == 1.0
+    assert math.isnan(test["auc"])  # every logged row is engaged
+    # a window of 1: u1 is i2 alone, (0, 1): i4 0.8 beats i3 0.707, the cold target is 1st
+    assert knn_test_split(tmp_path, window=1)["cold"]["mrr"] == pytest.approx(1.0)

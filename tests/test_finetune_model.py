@@ -93,6 +93,19 @@ def test_item_tower_single_modality_items_match_the_encoder(encoder):
     torch.testing.assert_close(items.norm(dim=-1), torch.ones(5))
 
 
+def test_joint_embedding_is_the_untrained_content_tower(encoder):
+    """content-kNN's pretrained item embedding is what the item tower starts from."""
+    tower = ItemTower(encoder)  # D == E: identity projection, no ID table
+    inputs, _ = make_items()
+    with torch.no_grad():
+        content = tower.encode_content(**inputs)
+        torch.testing.assert_close(content.joint_embedding(), tower.combine(content))
+    mixed = F.normalize(content.video[2] + content.text[2], dim=-1)  # item 3 has both
+    torch.testing.assert_close(content.joint_embedding()[2], mixed)
+    none = ContentEmbeddings.empty(1, EMBED)
+    assert not none.joint_embedding().any()
+
+
 def test_cached_path_equals_end_to_end_path(encoder):
     torch.manual_seed(1)
     tower = ItemTower(encoder, dim=12, num_item_ids=5)

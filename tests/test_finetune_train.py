@@ -17,6 +17,7 @@ from conftest import CONFIGS
 from mlflow import MlflowClient
 from test_pretrain_train import world  # noqa: F401  (the module-wide process group fixture)
 
+from finetune import report
 from finetune.batches import NextItemBatcher
 from finetune.config import ConfigError, load_finetune_config
 from finetune.item_content import ClipReading, build_clip_store, locate_clips
@@ -136,9 +137,10 @@ def test_id_sasrec_baseline_is_trained_once_and_reused_by_a_rerun(frozen_run, wo
     rerun = again.fit()  # resumes at its last step: nothing to train, the report again
     assert saved.stat().st_mtime_ns == stamp
     for split in ("valid", "test"):
-        assert rerun["metrics"][split]["id_sasrec"] == results["metrics"][split]["id_sasrec"]
+        assert rerun["metrics"][split]["ID-SASRec"] == results["metrics"][split]["ID-SASRec"]
     fingerprint = again.id_sasrec_fingerprint()
     again.resolved["train"]["steps"] += 5  # the main training's length: the same baseline
+    again.resolved["model"]["id_embeddings"] = True  # a hybrid run: the same baseline
     assert again.id_sasrec_fingerprint() == fingerprint
     again.resolved["baselines"]["id_sasrec_steps"] += 1
     assert again.id_sasrec_fingerprint() != fingerprint
@@ -198,12 +200,17 @@ def test_row_weights_follow_the_weight_column_into_the_loss(frozen_run, world): 
     assert torch.isfinite(weighted) and not torch.isclose(weighted, plain)
 
 
+MODELS = ("content", "ID-SASRec", "popularity", "content-kNN")
+"""What the report calls the content model and the baselines, in its order."""
+
+
 def test_metrics_json_compares_models_on_warm_and_cold_targets(frozen_run):
     _, results, _, output = frozen_run
     saved = json.loads((output / "metrics.json").read_text())
     assert saved["metrics"] == json.loads(json.dumps(results["metrics"]))
     for split in ("valid", "test"):
-        for model in ("content", "id_sasrec", "popularity"):
+        assert tuple(saved["metrics"][split]) == MODELS
+        for model in MODELS:
             for group in ("all", "warm", "cold"):
                 values = saved["metrics"][split][model][group]
                 assert {"hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr", "count"} <= set(values)
@@ -212,6 +219,8 @@ def test_metrics_json_compares_models_on_warm_and_cold_targets(frozen_run):
     assert test["popularity"]["cold"]["hr@10"] == 0  # cold items have no training count
     assert (output / "comparison.png").stat().st_size > 1000
     assert saved["pretrain_run_id"] == PRETRAIN_RUN_ID
+    rows = report.table(test).splitlines()[2:]
+    assert list(dict.fromkeys(row.split()[0] for row in rows)) == list(MODELS)
 
 
 def test_mlflow_run_records_params_metrics_artifacts_and_pretrain_run(frozen_run):
@@ -225,8 +234,9 @@ def test_mlflow_run_records_params_metrics_artifacts_and_pretrain_run(frozen_run
     assert params["encoder.mode"] == "frozen" and params["train.steps"] == "30"
     assert run.data.tags["vidrec.pretrain_run_id"] == PRETRAIN_RUN_ID
     metrics = run.data.metrics
-    assert {"loss", "test/content/cold/hr_at_10", "test/id_sasrec/warm/ndcg_at_10"} <= set(metrics)
-    assert "test/popularity/all/mrr" in metrics
+    assert {"loss", "test/content/cold/hr_at_10", "test/ID-SASRec/warm/ndcg_at_10"} <= set(metrics)
+    assert {"test/popularity/all/mrr", "test/content-kNN/cold/ndcg_at_10"} <= set(metrics)
+    assert "valid/content/warm/hr_at_10" in metrics
     names = {a.path for a in client.list_artifacts(run.info.run_id, "metrics")}
     assert {"metrics/metrics.json", "metrics/comparison.png"} <= names
     assert "config/config.yaml" in {
@@ -252,7 +262,9 @@ def test_end_to_end_mode_learns_and_trains_the_top_blocks(world, synthetic_shard
     top_video = "video_model.encoder.layer.1."
     assert any(k.startswith(top_video) for k in changed)
     assert not any(k.startswith("video_model.encoder.layer.0.") for k in changed)
-    assert set(results["metrics"]["test"]) == {"content"}
+    # content-kNN reads the pretrained content, cached before the encoders train
+    assert set(results["metrics"]["test"]) == {"content", "content-kNN"}
+    assert (tmp_path / "e2e" / "item_content.safetensors").is_file()
 
 
 def test_shipped_configs_load_and_errors_name_the_field(synthetic_shards, tmp_path):
@@ -281,7 +293,7 @@ def test_acceptance_on_the_synthetic_test_split(frozen_run):
     encoders) is where the figures mean something (see the report)."""
     _, results, _, _ = frozen_run
     test = results["metrics"]["test"]
-    content, ids, popularity = test["content"], test["id_sasrec"], test["popularity"]
+    content, ids, popularity = test["content"], test["ID-SASRec"], test["popularity"]
     assert content["warm"]["ndcg@10"] >= ids["warm"]["ndcg@10"]
     assert content["cold"]["hr@10"] >= 3 * ids["cold"]["hr@10"]
     assert content["cold"]["hr@10"] > popularity["cold"]["hr@10"]
@@ -313,7 +325,7 @@ def test_zero3_trains_and_evaluates_like_zero2(world, synthetic_shards, tmp_path
             rtol=1e-4, atol=1e-5,
         )  # fmt: skip
     assert trainer3.history[0]["loss_bce"] > 0
-    for model in ("content", "id_sasrec"):
+    for model in ("content", "ID-SASRec"):
         for group in ("warm", "cold"):
             for metric in ("ndcg@10", "mrr"):
                 assert results3["metrics"]["test"][model][group][metric] == pytest.approx(

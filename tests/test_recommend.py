@@ -125,7 +125,8 @@ def test_export_records_catalogue_cold_items_config_and_metrics(live):
     saved = json.loads((live.output_dir / "metrics.json").read_text())
     assert recommender.finetune["metrics"] == saved
     card = (live.export / "README.md").read_text()
-    assert "test/content/cold/hr@10" in card and "components/user_tower.safetensors" in card
+    assert set(saved["metrics"]["test"]) == {"hybrid", "popularity", "content-kNN"}
+    assert "test/hybrid/cold/hr@10" in card and "components/user_tower.safetensors" in card
     assert "## Evaluation (recommendation: leave-one-out test split" in card
     assert "held-out text-video retrieval" not in card
     assert "metrics:\n- hit_rate\n- ndcg\n- mrr" in card.split("\n---\n")[0]
