@@ -165,7 +165,7 @@ def train_throughput(args, workdir: Path) -> None:
     first = trainers[args.modes[0]]
     length = first.config.data.max_history_length
     # next-item rows of a user: the targets of its last L + 1 training items
-    positions = int(np.minimum(first.train_sequences.lengths()[users], length + 1).sum()
+    positions = int(np.minimum(first.batcher.sequences.lengths()[users], length + 1).sum()
                     - len(users))  # fmt: skip
     encoder = first.engine.module.item_tower.encoder
     parameters = sum(p.numel() for p in encoder.parameters())
