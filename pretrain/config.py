@@ -250,9 +250,9 @@ class DataSettings:
     mask (repeated sampling): decode cost per sample falls by about this factor, at the price
     of less variety per batch. Must divide ``parallel.micro_batch_size``; copies of a clip are
     never each other's contrastive negatives."""
-    decode_clips_per_core: float = 55.7
+    decode_clips_per_core: float = 58.6
     """Training clips one reader worker delivers per second on one core, for the capacity
-    report (``vidrec pretrain --check``): 55.7 measured at T16@224 by launch/bench_loader.py
+    report (``vidrec pretrain --check``): 58.6 measured at T16@224 by launch/bench_loader.py
     (BENCHMARKS.md, "reader, 1 worker"). One figure at every clip size: decoding the stored
     clip dominates, and T8@112 read 2.3× faster there, not the 8× its frames × pixels
     suggest. Measure your own shards and clip size and set it."""

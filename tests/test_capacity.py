@@ -63,7 +63,7 @@ def test_the_lines_say_the_figures():
         f"  H100 (989 TFLOP/s bf16): {h100.clips_per_second:,.0f} clips/s at 40% MFU → "
         f"{h100.decode_processes:.1f} decode processes per GPU"
     ) in lines
-    assert "  decode: 55.7 clips/s per core (data.decode_clips_per_core)" in lines
+    assert "  decode: 58.6 clips/s per core (data.decode_clips_per_core)" in lines
     assert "  loader: data.workers 3 per GPU × 4 GPUs per node = 12 processes on 64 cores" in lines
     assert not any("HFU" in line for line in lines)
 
@@ -117,11 +117,11 @@ def test_the_data_wait_alarm_speaks_once_above_the_threshold():
     # 30 clips/s while waiting a quarter of the time: 40 clips/s without the wait
     assert "waited on data 25% of the last log interval" in message
     assert "30.0 clips/s per rank, 40.0 without the wait" in message
-    assert f"{40 / 55.7:.1f} decode processes per rank at 55.7 clips/s per core" in message
+    assert f"{40 / 58.6:.1f} decode processes per rank at 58.6 clips/s per core" in message
     assert "data.workers is 3 (12 for 4 ranks on 64 cores)" in message
     target = 0.4 * H100 / report.model_flops
     assert f"this NVIDIA H100 80GB HBM3 would consume {target:,.0f} clips/s" in message
-    assert f"{target / 55.7:.1f} decode processes" in message
+    assert f"{target / 58.6:.1f} decode processes" in message
     assert alarm.check(0.9, 5.0) is None  # once
     assert "MFU" not in DataWaitAlarm(report, "cpu", None).check(0.5, 10.0)
 
