@@ -202,10 +202,20 @@ class ModelSettings:
     """Size of the joint video-text embedding."""
     text_pooling: Literal["mean", "cls"] = "mean"
     init_temperature: float = 0.07
+    """Softmax temperature of the contrastive logits at the start (CLIP: 0.07)."""
+    max_logit_scale: float = 100.0
+    """Upper bound of the learnable logit scale 1 / temperature (CLIP: 100)."""
     matching_head: bool = False
     """Build the video-text matching head (needed when ``objectives.matching`` > 0)."""
     activation_checkpointing: bool = False
     """Recompute encoder layers in backward: less activation memory, ~30% more compute."""
+
+    def __post_init__(self):
+        if self.init_temperature <= 0 or 1 / self.init_temperature > self.max_logit_scale:
+            raise ConfigError(
+                f"model.init_temperature {self.init_temperature} must be > 0 with 1 / it <= "
+                f"model.max_logit_scale {self.max_logit_scale}"
+            )
 
     def build_config(self):
         """The transformers ``VideoTextConfig`` this section describes."""
@@ -218,6 +228,7 @@ class ModelSettings:
             embed_dim=self.embed_dim,
             text_pooling=self.text_pooling,
             init_temperature=self.init_temperature,
+            max_logit_scale=self.max_logit_scale,
             use_matching_head=self.matching_head,
             activation_checkpointing=self.activation_checkpointing,
         )
@@ -257,6 +268,13 @@ class DataSettings:
     clip dominates, and T8@112 read 2.3× faster there, not the 8× its frames × pixels
     suggest. Measure your own shards and clip size and set it."""
     shuffle_buffer: int = 1000
+    crop_scale: tuple[float, float] = (0.4, 1.0)
+    """Area of a training sample's random crop, as a fraction of the clip's frame."""
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    """Width / height of a training sample's random crop."""
+    flip_prob: float = 0.5
+    """Probability of a horizontal flip of a training sample. A flip reverses left and right
+    in the clip but not in its caption: 0 for captions that say which way things move."""
     pass_samples: int = 0
     """Training samples per reader pass over all ranks (0: one endless pass). A resume passes
     over the samples read since the pass began, so this bounds what a resume re-reads; each
@@ -274,6 +292,14 @@ class DataSettings:
             raise ConfigError(
                 f"data.decode_clips_per_core must be > 0, got {self.decode_clips_per_core}"
             )
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ConfigError(
+                f"data.crop_scale must be 0 < low <= high <= 1, got {self.crop_scale}"
+            )
+        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise ConfigError(f"data.crop_ratio must be 0 < low <= high, got {self.crop_ratio}")
+        if not 0 <= self.flip_prob <= 1:
+            raise ConfigError(f"data.flip_prob must be in [0, 1], got {self.flip_prob}")
         for name in ("train_shards", "eval_shards"):
             sources = getattr(self, name)
             if isinstance(sources, list):

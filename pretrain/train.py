@@ -191,6 +191,9 @@ class Pretrainer(Trainer):
             max_text_length=data.max_text_length,
             epoch_size=data.pass_samples or None,
             samples_per_clip=data.samples_per_clip,
+            crop_scale=data.crop_scale,
+            crop_ratio=data.crop_ratio,
+            flip_prob=data.flip_prob,
         )
 
     def parameter_count(self) -> int:

@@ -86,6 +86,11 @@ def test_overrides_parse_as_yaml_and_reach_nested_fields():
             "data.samples_per_clip=3",
             "micro_batch_size 4 is not a multiple of data.samples_per_clip 3",
         ),
+        ("data.crop_scale=[0.8, 0.4]", "data.crop_scale must be 0 < low <= high <= 1"),
+        ("data.crop_ratio=[0, 1]", "data.crop_ratio must be 0 < low <= high"),
+        ("data.flip_prob=1.5", "data.flip_prob must be in [0, 1]"),
+        ("model.init_temperature=0.005", "1 / it <= model.max_logit_scale 100.0"),
+        ("model.init_temperature=0", "model.init_temperature 0.0 must be > 0"),
     ],
 )
 def test_bad_values_are_refused_naming_the_field(override, message):

@@ -126,6 +126,22 @@ def test_two_samples_per_clip_reach_the_loss_as_grouped_copies(
     assert trainer.state.samples_seen == 2 * 4 == sum(trainer.reader.delivered.values())
 
 
+def test_the_crop_and_flip_settings_reach_the_training_samples(
+    world: World, synthetic_shards, tmp_path
+):
+    """Whole-frame crops and no flips (data.crop_scale, crop_ratio, flip_prob): the two
+    copies of a clip are the same sample, the clip as evaluation sees it."""
+    config = tiny(synthetic_shards, tmp_path / "run", "train.steps=1", "data.samples_per_clip=2",
+                  "parallel.micro_batch_size=4", "data.crop_scale=[1.0, 1.0]",
+                  "data.crop_ratio=[1.0, 1.0]", "data.flip_prob=0")  # fmt: skip
+    trainer = Pretrainer(config, world)
+    trainer.objectives = Recording(trainer.objectives)
+    trainer.fit()
+    (batch,) = trainer.objectives.batches
+    assert torch.equal(batch["video"][0], batch["video"][1])
+    assert torch.equal(batch["video"][2], batch["video"][3])
+
+
 # ------------------------------------------------------------------------------ non-finite
 
 
