@@ -12,14 +12,7 @@ set -euo pipefail
 OUT=${1:-/tmp/vidrec-pretrain-quality}
 STEPS=${STEPS:-60}
 mkdir -p "$OUT"
-if [ ! -f "$OUT/shards_cold/index.json" ]; then
-  vidrec shards synth --out "$OUT/synth" --items 240 --users 400 --no-progress > /dev/null
-  for split in warm cold; do
-    vidrec shards build --manifest "$OUT/synth/manifest_$split.jsonl" \
-      --out "$OUT/shards_$split" --clip-seconds 3 --fps 8 --short-side 112 \
-      --samples-per-shard 32 > /dev/null
-  done
-fi
+. "$ROOT/launch/demo_data.sh" "$OUT"
 # small.yaml before 2026-12-01: every objective at weight 1, 90% of the tubes masked, the
 # reader's default crops and flips, 20 warmup steps.
 OLD=(--set objectives.masked_language=1.0 --set objectives.mask_ratio=0.9

@@ -14,14 +14,7 @@ STEPS=${STEPS:-60}
 CLIPS=${CLIPS:-16}
 SEED=${SEED:-0}
 mkdir -p "$OUT"
-if [ ! -f "$OUT/shards_cold/index.json" ]; then
-  vidrec shards synth --out "$OUT/synth" --items 240 --users 400 --no-progress > /dev/null
-  for split in warm cold; do
-    vidrec shards build --manifest "$OUT/synth/manifest_$split.jsonl" \
-      --out "$OUT/shards_$split" --clip-seconds 3 --fps 8 --short-side 112 \
-      --samples-per-shard 32 > /dev/null
-  done
-fi
+. "$ROOT/launch/demo_data.sh" "$OUT"
 rm -f "$OUT/walls.txt"
 for k in ${KS:-1 2}; do
   started=$(date +%s)
