@@ -80,7 +80,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import default_collate
 
-from data_shards.augment import center_crop_box, random_crop_box, resize_square
+from data_shards.augment import center_crop, center_crop_box, random_crop_box
 from data_shards.sources import DEFAULT_SOURCE, ShardSource, check_sources, resolve_sources
 from data_shards.text import load_tokenizer
 from data_shards.video import (
@@ -214,10 +214,8 @@ class ClipCropper:
 
     def __call__(self, frame) -> np.ndarray:
         if frame.rotation:
-            rgb = upright_rgb(frame)  # (H, W, 3)
-            top, left, height, width = center_crop_box(*rgb.shape[:2])
-            crop = torch.from_numpy(rgb).permute(2, 0, 1)[None, :, top : top + height]
-            return resize_square(crop[..., left : left + width], self.size)[0].numpy()
+            rgb = torch.from_numpy(upright_rgb(frame)).permute(2, 0, 1)  # (C, H, W)
+            return center_crop(rgb[None], self.size)[0].numpy()
         box = center_crop_box(frame.height, frame.width)
         return crop_resize_planar(frame, box, self.size)
 
@@ -377,7 +375,9 @@ def _shuffle_in_slot(samples: Iterator[dict], bufsize: int, seed: int, slots: Sl
 
 
 class _ClipDecoder:
-    """Sample → {video (T, C, H, W) uint8, text, key, item_id, meta}, or None if corrupt."""
+    """Sample → {text, key, item_id, meta} with, in train mode, ``frames`` (T × (H, W, 3) at
+    the shards' resolution) and ``crops`` (k rows of ``CROP_FIELDS``), in eval mode ``video``
+    (T, C, size, size) centre-cropped; or None if corrupt."""
 
     def __init__(self, config: ReaderConfig, seed: int, slots: Slots, tally: _Tally):
         self.config, self.seed, self.slots = config, seed, slots

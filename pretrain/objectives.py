@@ -180,10 +180,8 @@ def _copies_cross_entropy(logits: torch.Tensor, groups: torch.Tensor) -> torch.T
     logits = logits.masked_fill(same & ~own, float("-inf"))
     targets = torch.arange(logits.shape[0], device=logits.device)
     per_row = F.cross_entropy(logits, targets, reduction="none")  # (N,)
-    # a clip is counted at its first copy, the row no earlier row shares an id with
-    # (no host sync, unlike torch.unique on a GPU)
-    num_clips = (~same.tril(diagonal=-1).any(dim=1)).sum()
-    return (per_row / copies).sum() / num_clips
+    weights = 1.0 / copies  # (N,) a clip's copies weigh 1 together; their sum counts the clips
+    return (per_row * weights).sum() / weights.sum()
 
 
 # ----------------------------------------------------------------------------- masked video
