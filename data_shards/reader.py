@@ -135,6 +135,11 @@ class ReaderConfig:
     """Train: width / height of the random crop."""
     flip_prob: float = 0.5
     """Train: probability of a horizontal flip (the whole clip)."""
+    text_fields: tuple[str, ...] = ("caption",)
+    """Train: the texts a clip is paired with, one drawn at random per clip: "caption" is its
+    caption (the ``.txt`` member, else the json's ``caption``), any other name a field of its
+    json (a list, such as tags, joined with ", "). A field a clip lacks or leaves empty is not
+    drawn. Eval always pairs the caption."""
     samples_per_clip: int = 1
     """Train: training samples cut from each decoded clip, each with its own random crop and
     flip (and, in the model, its own tube mask): VideoMAE v2's repeated sampling, which
@@ -160,6 +165,9 @@ class ReaderConfig:
             raise ValueError(f"flip_prob must be in [0, 1], got {self.flip_prob}")
         if self.samples_per_clip < 1:
             raise ValueError(f"samples_per_clip must be at least 1, got {self.samples_per_clip}")
+        self.text_fields = tuple(self.text_fields)
+        if not self.text_fields or not all(isinstance(f, str) and f for f in self.text_fields):
+            raise ValueError(f"text_fields must name at least one field, got {self.text_fields!r}")
         if self.mode == "train" and self.batch_size % self.samples_per_clip:
             raise ValueError(
                 f"batch_size {self.batch_size} is not a multiple of samples_per_clip "
@@ -180,6 +188,19 @@ class ReaderConfig:
     def sources(self) -> list[ShardSource]:
         """The weighted sources; a plain spec is one source, ``DEFAULT_SOURCE``."""
         return list(self.shards) if self.is_mix() else [ShardSource(DEFAULT_SOURCE, self.shards)]
+
+
+def pick_text(caption: str, meta: dict[str, Any], fields: tuple[str, ...], rng) -> str:
+    """One of a clip's ``fields`` at random (see ``ReaderConfig.text_fields``); the caption
+    when none of them has text."""
+    texts = []
+    for name in fields:
+        value = caption if name == "caption" else meta.get(name)
+        if isinstance(value, list):
+            value = ", ".join(str(part) for part in value)
+        if value:
+            texts.append(str(value))
+    return texts[rng.randrange(len(texts))] if texts else caption
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,6 +447,8 @@ class _ClipDecoder:
             text = sample["txt"].decode("utf-8", errors="replace")
         else:
             text = str(meta.get("caption") or "")
+        if self.train and config.text_fields != ("caption",):
+            text = pick_text(text, meta, config.text_fields, rng)
         item_id = meta.get("item_id")
         decoded = {
             "text": text,

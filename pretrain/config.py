@@ -273,6 +273,10 @@ class DataSettings:
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     """Width / height of a training sample's random crop."""
     flip_prob: float = 0.5
+    train_text_fields: list[str] = field(default_factory=lambda: ["caption"])
+    """The texts a training clip is paired with, one drawn at random per clip: "caption", or
+    any field of the shards' json, such as title or tags (a list is joined with ", ").
+    Held-out retrieval always uses the caption."""
     """Probability of a horizontal flip of a training sample. A flip reverses left and right
     in the clip but not in its caption: 0 for captions that say which way things move."""
     pass_samples: int = 0
@@ -300,6 +304,8 @@ class DataSettings:
             raise ConfigError(f"data.crop_ratio must be 0 < low <= high, got {self.crop_ratio}")
         if not 0 <= self.flip_prob <= 1:
             raise ConfigError(f"data.flip_prob must be in [0, 1], got {self.flip_prob}")
+        if not self.train_text_fields or not all(self.train_text_fields):
+            raise ConfigError("data.train_text_fields must name at least one field")
         for name in ("train_shards", "eval_shards"):
             sources = getattr(self, name)
             if isinstance(sources, list):
@@ -343,6 +349,11 @@ class ObjectiveSettings(ObjectiveWeights):
     mlm_probability: float = 0.15
     contrastive_on_unmasked: bool = False
     """Encode the unmasked clip for the contrastive loss (a second video forward)."""
+    contrastive_masking: bool = False
+    """With ``masked_video`` 0, still hide ``mask_ratio`` of the tubes from the encoder: the
+    contrastive loss then sees the visible ones (FLIP's masked contrastive training), at a
+    fraction of the encoder's compute and with no decoder. With ``masked_video`` > 0 the
+    clip is masked anyway."""
     gather_with_grad: bool = True
     """Gradients flow through the all-gathered embeddings of other ranks."""
 
@@ -354,6 +365,18 @@ class ObjectiveSettings(ObjectiveWeights):
         weights = (self.contrastive, self.masked_video, self.masked_language, self.matching)
         if min(weights) < 0 or max(weights) == 0:
             raise ConfigError("objective weights must be >= 0 with at least one > 0")
+        if self.contrastive_masking and self.contrastive_on_unmasked:
+            raise ConfigError(
+                "objectives.contrastive_masking and objectives.contrastive_on_unmasked contradict "
+                "each other: the first encodes a masked clip for the contrastive loss, the second "
+                "the whole clip"
+            )
+
+    @property
+    def masks_video(self) -> bool:
+        """Whether the encoder sees a tube-masked clip: for masked video modelling, or for the
+        contrastive loss alone (``contrastive_masking``)."""
+        return self.mask_ratio > 0 and (self.masked_video > 0 or self.contrastive_masking)
 
 
 @dataclass

@@ -49,6 +49,7 @@ def forward_flops(
     mlm_targets: float | None = None,
     matching: bool = False,
     full_clip_for_contrastive: bool = False,
+    decoder: bool = True,
     recomputed: bool = False,
 ) -> dict[str, float]:
     """Forward FLOPs per sample of ``VideoTextModel.forward``, by component (the layer stacks,
@@ -56,7 +57,8 @@ def forward_flops(
 
     ``mask_ratio`` None or 0: no masked video modelling (whole clip encoded once).
     ``mlm_targets``: average masked tokens per caption (about mlm_probability x real tokens,
-    ``masked_tokens``), None: no MLM. ``recomputed``: only what activation checkpointing runs
+    ``masked_tokens``), None: no MLM. ``decoder`` False: the masked clip feeds the contrastive
+    loss only (``objectives.contrastive_masking``). ``recomputed``: only what activation checkpointing runs
     again in backward.
     """
     if isinstance(mlm_targets, bool):
@@ -87,7 +89,7 @@ def forward_flops(
     flops = {"video_patch_embed": 2 * num_tubes * tube_pixels * video_width}
     flops["video_encoder"] = encoder_layers(num_visible)
     fusion_context = num_visible
-    if num_masked:
+    if num_masked and decoder:
         decoder_width = video.decoder_hidden_size
         flops["video_decoder"] = video_layers(
             video.decoder_num_hidden_layers,
@@ -161,10 +163,11 @@ def pretrain_forward_flops(
     return forward_flops(
         model_config or config.model.build_config(),
         config.data.max_text_length,
-        mask_ratio=objectives.mask_ratio if objectives.masked_video > 0 else None,
+        mask_ratio=objectives.mask_ratio if objectives.masks_video else None,
         mlm_targets=masked_tokens(config, caption_tokens),
         matching=objectives.matching > 0,
         full_clip_for_contrastive=objectives.contrastive_on_unmasked,
+        decoder=objectives.masked_video > 0,
         recomputed=recomputed,
     )
 

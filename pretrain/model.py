@@ -443,6 +443,7 @@ class VideoTextModel(PreTrainedModel):
         mlm_labels: torch.Tensor | None = None,
         video_text_matching: bool = False,
         full_clip_for_contrastive: bool = False,
+        reconstruct: bool = True,
     ) -> VideoTextOutput:
         """Embeddings and the local losses of one pretraining step.
 
@@ -451,13 +452,14 @@ class VideoTextModel(PreTrainedModel):
         the contrastive embedding and the fusion tokens unless ``full_clip_for_contrastive``
         (then the whole clip is encoded a second time for those). mlm_input_ids / mlm_labels
         (B, L) from ``objectives.mask_tokens`` → MLM loss. ``video_text_matching`` → matching
-        loss with one in-batch hard negative video per caption.
+        loss with one in-batch hard negative video per caption. ``reconstruct`` False: the
+        masked clip serves the contrastive embedding only (no decoder, no masked video loss).
         """
         frames, pixels = self.prepare_video(video)
         video_tokens = self._video_tokens(pixels, bool_masked_pos)  # (B, Nv, Dv)
 
         video_loss = None
-        if bool_masked_pos is not None:
+        if bool_masked_pos is not None and reconstruct:
             predictions = self.reconstruct(video_tokens, bool_masked_pos)  # (B, M, ts·p·p·C)
             video_loss = masked_video_loss(
                 predictions,

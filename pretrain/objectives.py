@@ -364,6 +364,7 @@ class PretrainObjectives:
         video_mask_ratio: float = 0.9,
         mlm_probability: float = 0.15,
         full_clip_for_contrastive: bool = False,
+        contrastive_masking: bool = False,
     ):
         self.clip_loss = clip_loss
         self.weights = weights
@@ -374,6 +375,7 @@ class PretrainObjectives:
         self.video_mask_ratio = video_mask_ratio
         self.mlm_probability = mlm_probability
         self.full_clip_for_contrastive = full_clip_for_contrastive
+        self.contrastive_masking = contrastive_masking and video_mask_ratio > 0
 
     def __call__(
         self, model, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
@@ -388,7 +390,7 @@ class PretrainObjectives:
         video, input_ids = batch["video"], batch["input_ids"]
         attention_mask = batch["attention_mask"]
         inputs = {}
-        if weights.masked_video > 0:
+        if weights.masked_video > 0 or self.contrastive_masking:
             inputs["bool_masked_pos"] = tube_mask(
                 video.shape[0], self.video_grid, self.video_mask_ratio, generator
             ).to(video.device)
@@ -408,6 +410,7 @@ class PretrainObjectives:
             attention_mask=attention_mask,
             video_text_matching=weights.matching > 0,
             full_clip_for_contrastive=self.full_clip_for_contrastive,
+            reconstruct=weights.masked_video > 0,
             **inputs,
         )
         losses = {

@@ -133,6 +133,7 @@ class Pretrainer(Trainer):
             video_mask_ratio=objectives.mask_ratio,
             mlm_probability=objectives.mlm_probability,
             full_clip_for_contrastive=objectives.contrastive_on_unmasked,
+            contrastive_masking=objectives.contrastive_masking,
         )
         if not config.data.train_shards:
             raise ValueError("data.train_shards is empty: nothing to train on")
@@ -194,6 +195,7 @@ class Pretrainer(Trainer):
             crop_scale=data.crop_scale,
             crop_ratio=data.crop_ratio,
             flip_prob=data.flip_prob,
+            text_fields=tuple(data.train_text_fields),
         )
 
     def parameter_count(self) -> int:

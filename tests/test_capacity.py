@@ -109,6 +109,16 @@ def test_the_mlm_head_counts_masked_tokens_not_a_flag():
         forward_flops(model_config, TINY_LENGTH, mlm_targets=True)
 
 
+def test_contrastive_masking_counts_the_visible_tubes_and_no_decoder():
+    whole = pretrain_forward_flops(tiny("objectives.masked_video=0"))
+    masked = pretrain_forward_flops(
+        tiny("objectives.masked_video=0", "objectives.contrastive_masking=true")
+    )
+    with_decoder = pretrain_forward_flops(tiny())
+    assert "video_decoder" not in masked and "video_decoder" in with_decoder
+    assert masked["video_encoder"] == with_decoder["video_encoder"] < whole["video_encoder"]
+
+
 def test_the_data_wait_alarm_speaks_once_above_the_threshold():
     report = capacity_report(tiny(), gpus_per_node=4, cores=64)
     alarm = DataWaitAlarm(report, "NVIDIA H100 80GB HBM3", H100)

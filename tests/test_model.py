@@ -38,7 +38,7 @@ def make_batch(seed=0, batch=BATCH):
     return {"video": video, "input_ids": input_ids, "attention_mask": attention_mask}
 
 
-def make_objectives(config, weights=None):
+def make_objectives(config, weights=None, **options):
     return PretrainObjectives(
         ClipLoss(),
         weights or ObjectiveWeights(),
@@ -48,6 +48,7 @@ def make_objectives(config, weights=None):
         special_token_ids=[PAD, CLS, SEP, MASK],
         video_mask_ratio=0.75,
         mlm_probability=0.3,
+        **options,
     )
 
 
@@ -156,6 +157,35 @@ def test_one_masked_video_forward_serves_both_losses(model, config):
         torch.testing.assert_close(output.video_embeds, full_embeds)
     finally:
         hook.remove()
+
+
+def test_contrastive_masking_encodes_the_masked_clip_without_the_decoder(model, config):
+    """FLIP: with masked video off, the contrastive embedding comes from the visible tubes of
+    the objectives' tube mask, and the decoder never runs."""
+    batch = make_batch()
+    weights = ObjectiveWeights(masked_video=0, masked_language=0)
+    decoder_calls, seen_lengths = [], []
+    hooks = [
+        model.decoder.register_forward_hook(lambda *args: decoder_calls.append(1)),
+        model.video_model.encoder.layer[0].register_forward_pre_hook(
+            lambda module, args: seen_lengths.append(args[0].shape[1])
+        ),
+    ]
+    try:
+        masked = make_objectives(config, weights, contrastive_masking=True)
+        losses = masked(model, batch, torch.Generator().manual_seed(3))
+        whole = make_objectives(config, weights)(model, batch, torch.Generator().manual_seed(3))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert set(losses) == {"contrastive", "loss"} and decoder_calls == []
+    assert seen_lengths == [8, math.prod(config.video_grid)]  # 75% masked, then the whole clip
+    mask = tube_mask(BATCH, config.video_grid, 0.75, torch.Generator().manual_seed(3))
+    _, embeds = model.encode_video(batch["video"], mask)
+    _, text = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    expected = ClipLoss()(embeds, text, model.logit_scale_value)
+    torch.testing.assert_close(losses["contrastive"], expected)
+    assert not torch.allclose(whole["contrastive"], expected)
 
 
 def test_losses_are_only_computed_when_asked(model, config):
@@ -337,8 +367,10 @@ def test_text_tower_starts_from_minilm_directory(capfd):
     assert embeds.shape == (1, config.embed_dim)
 
 
-@pytest.mark.parametrize("full_clip_for_contrastive", [False, True])
-def test_flop_formula_matches_flop_counter(full_clip_for_contrastive):
+@pytest.mark.parametrize(
+    "full_clip_for_contrastive, reconstruct", [(False, True), (True, True), (False, False)]
+)
+def test_flop_formula_matches_flop_counter(full_clip_for_contrastive, reconstruct):
     # eager attention: its matmuls are visible to the counter (CPU sdpa is not counted)
     config = VideoTextConfig.tiny(use_matching_head=True, attn_implementation="eager")
     model = VideoTextModel(config)
@@ -350,6 +382,7 @@ def test_flop_formula_matches_flop_counter(full_clip_for_contrastive):
             **inputs,
             video_text_matching=True,
             full_clip_for_contrastive=full_clip_for_contrastive,
+            reconstruct=reconstruct,
         )
     estimate = forward_flops(
         config,
@@ -358,6 +391,7 @@ def test_flop_formula_matches_flop_counter(full_clip_for_contrastive):
         mlm_targets=(inputs["mlm_labels"] != -100).sum().item() / BATCH,
         matching=True,
         full_clip_for_contrastive=full_clip_for_contrastive,
+        decoder=reconstruct,
     )
     # the formula leaves out only the (B, B) similarity that picks the hard negatives
     assert sum(estimate.values()) == pytest.approx(counter.get_total_flops() / BATCH, rel=1e-3)

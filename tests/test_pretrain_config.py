@@ -89,6 +89,7 @@ def test_overrides_parse_as_yaml_and_reach_nested_fields():
         ("data.crop_scale=[0.8, 0.4]", "data.crop_scale must be 0 < low <= high <= 1"),
         ("data.crop_ratio=[0, 1]", "data.crop_ratio must be 0 < low <= high"),
         ("data.flip_prob=1.5", "data.flip_prob must be in [0, 1]"),
+        ("data.train_text_fields=[]", "data.train_text_fields must name at least one field"),
         ("model.init_temperature=0.005", "1 / it <= model.max_logit_scale 100.0"),
         ("model.init_temperature=0", "model.init_temperature 0.0 must be > 0"),
     ],
@@ -96,6 +97,12 @@ def test_overrides_parse_as_yaml_and_reach_nested_fields():
 def test_bad_values_are_refused_naming_the_field(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(")", r"\)")):
         load_pretrain_config(CONFIGS / "tiny.yaml", [override])
+
+
+def test_contrastive_masking_and_the_whole_clip_for_contrastive_are_refused_together():
+    both = ["objectives.contrastive_masking=true", "objectives.contrastive_on_unmasked=true"]
+    with pytest.raises(ConfigError, match="contrastive_masking and .*contrastive_on_unmasked"):
+        load_pretrain_config(CONFIGS / "tiny.yaml", both)
 
 
 def test_matching_is_refused_with_copies_of_a_clip_in_the_batch():

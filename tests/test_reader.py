@@ -300,6 +300,42 @@ def test_train_frames_come_from_segments(tmp_path, tokenizer):
     assert len(picks) > 1
 
 
+def test_train_texts_are_drawn_from_the_text_fields_and_eval_keeps_the_caption(
+    tmp_path, tokenizer
+):
+    write_shards(tmp_path, 2, 6)
+    fields = ("caption", "item_id", "source")
+
+    def texts(seed, mode="train", epoch_size=48):
+        cfg = config(tmp_path, mode=mode, seed=seed, epoch_size=epoch_size, text_fields=fields)
+        return [
+            (text, meta)
+            for batch in build_loader(cfg, tokenizer=tokenizer)
+            for text, meta in zip(batch["text"], batch["meta"], strict=True)
+        ]
+
+    drawn = texts(0)
+    assert len(drawn) == 48
+    kinds = set()
+    for text, meta in drawn:
+        options = {meta["caption"]: "caption", meta["item_id"]: "item_id", "synthetic": "source"}
+        assert text in options, (text, meta)  # one of this clip's own fields, nothing else
+        kinds.add(options[text])
+    assert kinds == set(fields)
+    # an empty caption is not drawn: the clip gets one of its other texts
+    assert all(text for text, meta in drawn if meta["caption"] == "")
+    assert [text for text, _ in texts(0)] == [text for text, _ in drawn]
+    assert all(text == meta["caption"] for text, meta in texts(0, "eval", None))
+
+
+def test_pick_text_joins_lists_and_falls_back_to_the_caption():
+    meta = {"tags": ["red", "circle"], "title": "", "other": None}
+    assert reader.pick_text("cap", meta, ("tags",), random.Random(0)) == "red, circle"
+    assert reader.pick_text("cap", meta, ("title", "other", "missing"), random.Random(0)) == "cap"
+    with pytest.raises(ValueError, match="text_fields must name at least one field"):
+        ReaderConfig(shards="x", text_fields=())
+
+
 def test_train_augmentation_is_seeded(tmp_path, tokenizer):
     write_shards(tmp_path, 3, 4)
 
