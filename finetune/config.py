@@ -121,6 +121,12 @@ class FinetuneModelSettings:
     id_embeddings: bool = False
     """Hybrid item tower: content plus a learned ID embedding for warm items. Off: on the demo
     data the hybrid ranks below content alone, warm and cold-start (BENCHMARKS.md)."""
+    item_text: Literal["joint", "pooled"] = "joint"
+    """What the item tower reads of an item's text. joint: its pretrained joint embedding,
+    fixed while the encoders are frozen. pooled: the text tower's pooled sentence features
+    through the item tower's own copy of the pretrained text projection, which trains even
+    with frozen encoders: it can recover what the joint space dropped (what captions say
+    that the pretrained video tower cannot see), at the joint embedding on the first step."""
 
     def __post_init__(self):
         if self.dim < 0 or self.user_layers < 1 or self.user_heads < 1:

@@ -133,14 +133,19 @@ class RankingEvaluation:
             results[split]["auc"] = auc(popularity[rows["item"]], rows["label"])
         return results
 
-    def content_knn(self, content: ContentEmbeddings) -> dict[str, Any]:
+    @torch.no_grad()
+    def content_knn(
+        self, content: ContentEmbeddings, text_projection: torch.nn.Module | None = None
+    ) -> dict[str, Any]:
         """The training-free content-kNN baseline: a user is the mean of the pretrained joint
         embeddings (``content``: the cache of the pretrained encoders, (N + 1) rows) of the
         items in its history window, and every item is scored by its cosine to that mean.
-        Rank 0 scores; every rank must call this together."""
+        ``text_projection``: the pretrained encoder's, when ``content`` holds pooled text
+        features. Rank 0 scores; every rank must call this together."""
         results = {}
         if self.world.is_main:
-            items = content.joint_embedding()  # (N + 1, E), unit rows, zero at padding
+            # (N + 1, E), unit rows, zero at padding
+            items = content.joint_embedding(text_projection)
             for split in ("valid", "test"):
                 eval_set = self.data.eval_set(split)
                 users = self.window_states(eval_set, lambda w: history_mean(items, w.items))

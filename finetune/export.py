@@ -385,9 +385,11 @@ def export_finetune(
             config={
                 "dim": dim,
                 "num_item_ids": recommender.num_items if model.item_tower.id_embeddings else 0,
+                "pooled_text": model.item_tower.text_projection is not None,
                 "encoder_mode": built.config.encoder.mode,
             },
             description="item tower's own layers (modality mix, projection"
+            + (", text projection" if model.item_tower.text_projection is not None else "")
             + (", warm-item ID table)" if model.item_tower.id_embeddings is not None else ")"),
         ),
         ExportComponent(

@@ -187,7 +187,12 @@ def _clip_batches(sources: ClipSources, reading: ClipReading, description: str):
 
 
 def content_fingerprint(
-    encoder: VideoTextModel, texts: ItemTexts, sources: ClipSources, num_frames: int, size: int
+    encoder: VideoTextModel,
+    texts: ItemTexts,
+    sources: ClipSources,
+    num_frames: int,
+    size: int,
+    pooled_text: bool = False,
 ) -> str:
     """Hash of everything the cached content depends on."""
     digest = hashlib.sha256()
@@ -197,6 +202,8 @@ def content_fingerprint(
     for tensor in (texts.input_ids, texts.attention_mask, texts.text_mask):
         digest.update(tensor.numpy().tobytes())
     digest.update(f"{sources.fingerprint()}:{num_frames}:{size}".encode())
+    if pooled_text:  # another text field; caches written before the option keep their hash
+        digest.update(b"pooled text")
     return digest.hexdigest()
 
 
@@ -206,14 +213,17 @@ def compute_content(
     texts: ItemTexts,
     sources: ClipSources,
     reading: ClipReading,
+    pooled_text: bool = False,
 ) -> ContentEmbeddings:
-    """Every item's content (fields (N + 1, E)), encoded in slices across ranks, on every rank."""
+    """Every item's content (fields (N + 1, E); the text (N + 1, Dt) pooled features with
+    ``pooled_text``), encoded in slices across ranks, on every rank."""
     world, batch_size = reading.world, reading.batch_size
     was_training = encoder.training
     encoder.eval()  # no dropout: the cache must equal a frozen encoder's live output
     device = next(encoder.parameters()).device
     num_rows = len(texts.text_mask)
     embed_dim = encoder.config.embed_dim
+    text_dim = encoder.config.text_config.hidden_size if pooled_text else embed_dim
 
     clip_items, clip_embeddings = [], []
     for _, _, items, video in _clip_batches(sources, reading, "item clips"):
@@ -225,9 +235,11 @@ def compute_content(
     text_embeddings = []
     for start in range(0, len(text_items), batch_size):
         rows = text_items[start : start + batch_size]
-        _, embedding = encoder.encode_text(
-            texts.input_ids[rows].to(device), texts.attention_mask[rows].to(device)
-        )  # (B, E), normalized
+        ids, mask = texts.input_ids[rows].to(device), texts.attention_mask[rows].to(device)
+        if pooled_text:
+            embedding = encoder.text_features(ids, mask)  # (B, Dt)
+        else:
+            _, embedding = encoder.encode_text(ids, mask)  # (B, E), normalized
         text_embeddings.append(embedding.float().cpu())
     encoder.train(was_training)
 
@@ -238,9 +250,11 @@ def compute_content(
     clip_parts = all_gather_objects(
         (rows(clip_items, no_items), rows(clip_embeddings, no_embeddings))
     )
-    text_parts = all_gather_objects((text_items, rows(text_embeddings, no_embeddings)))
+    no_texts = torch.zeros(0, text_dim)
+    text_parts = all_gather_objects((text_items, rows(text_embeddings, no_texts)))
 
     content = ContentEmbeddings.empty(num_rows, embed_dim)
+    content.text = torch.zeros(num_rows, text_dim)
     video_sum = torch.zeros(num_rows, embed_dim)
     clip_count = torch.zeros(num_rows, dtype=torch.long)
     for items, embeddings in clip_parts:
@@ -268,10 +282,14 @@ def load_or_compute_content(
     texts: ItemTexts,
     sources: ClipSources,
     reading: ClipReading,
+    pooled_text: bool = False,
 ) -> ContentEmbeddings:
-    """The cache at ``path`` when its fingerprint matches, else computed and written there."""
+    """The cache at ``path`` when its fingerprint matches, else computed and written there
+    (``pooled_text``: the text field holds pooled features, ``compute_content``)."""
     path, world = Path(path), reading.world
-    fingerprint = content_fingerprint(encoder, texts, sources, reading.num_frames, reading.size)
+    fingerprint = content_fingerprint(
+        encoder, texts, sources, reading.num_frames, reading.size, pooled_text
+    )
     reuse = False
     if world.is_main and path.is_file():
         from safetensors import safe_open
@@ -283,7 +301,7 @@ def load_or_compute_content(
     if broadcast_object(reuse):
         log.info("content cache %s reused", path)
         return read_content_cache(path)
-    content = compute_content(encoder, texts, sources, reading)
+    content = compute_content(encoder, texts, sources, reading, pooled_text)
     if world.is_main:
         tensors = {
             "video": content.video.contiguous(),

@@ -45,7 +45,9 @@ class ContentEmbeddings:
     video: torch.Tensor
     """(..., E) normalized mean of the item's normalized clip embeddings; zero without clips."""
     text: torch.Tensor
-    """(..., E) normalized text embedding; zero without text."""
+    """(..., E) normalized joint text embedding; with an item tower that reads pooled text
+    (``ItemTower(pooled_text=True)``) the (..., Dt) pooled sentence features of the text
+    tower instead. Zero without text."""
     video_mask: torch.Tensor
     """(...,) bool, True where the item has at least one clip."""
     text_mask: torch.Tensor
@@ -73,11 +75,15 @@ class ContentEmbeddings:
     def to(self, device: torch.device | str) -> ContentEmbeddings:
         return ContentEmbeddings(*(getattr(self, f.name).to(device) for f in fields(self)))
 
-    def joint_embedding(self) -> torch.Tensor:
+    def joint_embedding(self, text_projection: nn.Module | None = None) -> torch.Tensor:
         """(..., E) the items in the pretrained joint space: their available modalities mixed
         evenly and renormalized (what an untrained ``ItemTower.combine`` computes before its
-        projection); zero without content."""
-        mixed = self.video_mask[..., None] * self.video + self.text_mask[..., None] * self.text
+        projection); zero without content. ``text_projection``: the encoder's, for content
+        whose text is pooled features."""
+        text = self.text
+        if text_projection is not None:
+            text = F.normalize(text_projection(text), dim=-1)
+        mixed = self.video_mask[..., None] * self.video + self.text_mask[..., None] * text
         return F.normalize(mixed, dim=-1)
 
 
@@ -103,15 +109,33 @@ class ItemTower(nn.Module):
     ID embeddings start at zero, so at init the hybrid tower equals the content tower. Cold
     items (``id_mask`` False; their ids may lie beyond the table) get no ID contribution, so a
     new item is served from content alone without growing the table.
+
+    Pooled text (``pooled_text``): the encoders hand over the text tower's pooled sentence
+    features, and the tower projects them into the joint space with its own copy of the
+    encoder's text projection. At init that is the joint text embedding; the copy trains with
+    the recommender even while the encoders are frozen, so it can take back what the joint
+    space dropped: attributes a caption names that the video tower never learned to see.
     """
 
-    def __init__(self, encoder: VideoTextModel, dim: int | None = None, num_item_ids: int = 0):
+    def __init__(
+        self,
+        encoder: VideoTextModel,
+        dim: int | None = None,
+        num_item_ids: int = 0,
+        pooled_text: bool = False,
+    ):
         """``dim`` D of the output (default E); ``num_item_ids`` > 0 adds an ID table of
-        ``num_item_ids + 1`` rows (row ``PAD_ID`` is fixed at zero)."""
+        ``num_item_ids + 1`` rows (row ``PAD_ID`` is fixed at zero); ``pooled_text``: see the
+        class docstring."""
         super().__init__()
         self.encoder = encoder
         embed_dim = encoder.config.embed_dim
         self.dim = dim or embed_dim
+        self.text_projection = None
+        if pooled_text:
+            pretrained = encoder.text_projection
+            self.text_projection = nn.Linear(pretrained.in_features, pretrained.out_features)
+            self.text_projection.load_state_dict(pretrained.state_dict())
         # sigmoid(0) = 0.5: video and text start equally weighted. Shape (1,) for DeepSpeed.
         self.modality_logit = nn.Parameter(torch.zeros(1))
         self.projection = nn.Linear(embed_dim, self.dim, bias=False)
@@ -160,6 +184,8 @@ class ItemTower(nn.Module):
         elif top_k < 0:
             raise ValueError(f"top_k must be >= 0 or 'all', got {top_k}")
         self.encoder.text_model.pooler.requires_grad_(False)  # unused, kept for the export
+        if self.text_projection is not None:  # pooled text: the tower's own copy is used
+            self.encoder.text_projection.requires_grad_(False)
         self.trainable_encoder_layers = top_k
         self.train(self.training)  # a frozen encoder goes to eval mode
 
@@ -202,6 +228,7 @@ class ItemTower(nn.Module):
             raise ValueError("an item batch needs clips, text, or both")
         batch = len(clips) if clips is not None else len(input_ids)
         embed_dim = self.encoder.config.embed_dim
+        text_dim = self.text_dim
         device = next(self.encoder.parameters()).device
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoders_frozen):
             video = torch.zeros(batch, embed_dim, device=device)
@@ -218,7 +245,7 @@ class ItemTower(nn.Module):
                 video = F.normalize(clip_embeddings.sum(dim=1), dim=-1)  # (B, E), 0 if no clip
                 video_mask = clip_mask.any(dim=1).to(device)
 
-            text = torch.zeros(batch, embed_dim, device=device)
+            text = torch.zeros(batch, text_dim, device=device)
             has_text = torch.zeros(batch, dtype=torch.bool, device=device)
             if input_ids is not None:
                 if attention_mask is None:
@@ -227,11 +254,22 @@ class ItemTower(nn.Module):
                     text_mask = attention_mask.bool().any(dim=1)
                 has_text = text_mask.to(device)
                 if has_text.any():
-                    _, real = self.encoder.encode_text(
-                        input_ids[text_mask], attention_mask[text_mask]
-                    )  # (M, E)
-                    text = text.masked_scatter(has_text[:, None], real.float())  # (B, E)
+                    real = self.encode_text(input_ids[text_mask], attention_mask[text_mask])
+                    text = text.masked_scatter(has_text[:, None], real.float())  # (B, Et)
         return ContentEmbeddings(video, text, video_mask, has_text)
+
+    @property
+    def text_dim(self) -> int:
+        """Et, the width of ``ContentEmbeddings.text``: E, or Dt with pooled text."""
+        if self.text_projection is None:
+            return self.encoder.config.embed_dim
+        return self.text_projection.in_features
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(M, Lt) texts → (M, Et): the joint embedding, or the pooled features (pooled text)."""
+        if self.text_projection is None:
+            return self.encoder.encode_text(input_ids, attention_mask)[1]
+        return self.encoder.text_features(input_ids, attention_mask)
 
     # ------------------------------------------------------------------ stage 2: own layers
 
@@ -244,9 +282,12 @@ class ItemTower(nn.Module):
         """Content (and ID) → normalized item embeddings (..., D). ``id_mask`` defaults to
         every non-padding id; ids of cold items may lie beyond the table."""
         video_weight = torch.sigmoid(self.modality_logit)  # (1,)
+        text = content.text
+        if self.text_projection is not None:
+            text = F.normalize(self.text_projection(text), dim=-1)  # (..., Dt) → (..., E)
         mixed = (
             video_weight * content.video_mask[..., None] * content.video
-            + (1 - video_weight) * content.text_mask[..., None] * content.text
+            + (1 - video_weight) * content.text_mask[..., None] * text
         )  # (..., E)
         hidden = self.projection(F.normalize(mixed, dim=-1))  # (..., D)
         if self.id_embeddings is not None:

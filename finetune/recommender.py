@@ -78,6 +78,8 @@ class RecommenderSpec:
     """N catalogue items (the ID tables have N + 1 rows, row 0 padding)."""
     id_embeddings: bool
     """Hybrid item tower: content plus learned IDs of warm items."""
+    pooled_text: bool = False
+    """The item tower reads pooled text features through its own text projection."""
     user_tower: dict[str, Any] = field(default_factory=dict)
     """``UserTower`` arguments after ``dim``."""
     head: dict[str, Any] = field(default_factory=dict)
@@ -93,6 +95,7 @@ class RecommenderSpec:
             dim=model.dim or embed_dim,
             num_items=num_items,
             id_embeddings=model.id_embeddings,
+            pooled_text=model.item_text == "pooled",
             user_tower={
                 "num_layers": model.user_layers,
                 "num_heads": model.user_heads,
@@ -117,6 +120,7 @@ class RecommenderSpec:
             dim=int(tower["dim"]),
             num_items=int(configs["item_embeddings"]["num_items"]),
             id_embeddings=int(tower["num_item_ids"]) > 0,
+            pooled_text=bool(tower.get("pooled_text", False)),
             user_tower=user,
             head=head,
         )
@@ -131,7 +135,12 @@ def build_model(
     if encoder is None:
         item_tower = IDOnlyItemTower(spec.num_items, spec.dim)
     else:
-        item_tower = ItemTower(encoder, spec.dim, spec.num_items if spec.id_embeddings else 0)
+        item_tower = ItemTower(
+            encoder,
+            spec.dim,
+            spec.num_items if spec.id_embeddings else 0,
+            pooled_text=spec.pooled_text,
+        )
         layers = spec.trainable_encoder_layers
         if layers == "all":
             item_tower.unfreeze_encoders()

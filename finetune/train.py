@@ -12,6 +12,7 @@ bars come from global rank 0 only.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -100,6 +101,8 @@ class Finetuner(Trainer):
         encoder.to(world.device)
         self.encoder_config = encoder.config
         self.tokenizer = load_tokenizer(resolve_text_model_dir(encoder.config.text_model_dir))
+        self.pretrained_text_projection = None
+        """The encoder's text projection before training, with pooled item text (content-kNN)."""
         self.items, self.pretrained_content = self._item_source(encoder, self.data.catalogue)
 
         # --- the recommender
@@ -149,8 +152,16 @@ class Finetuner(Trainer):
         content = None
         if frozen or config.baselines.content_knn:
             content = load_or_compute_content(
-                self.output_dir / CACHE_FILE, encoder, texts, sources, reading
+                self.output_dir / CACHE_FILE,
+                encoder,
+                texts,
+                sources,
+                reading,
+                pooled_text=config.model.item_text == "pooled",
             ).to(world.device)
+            if config.model.item_text == "pooled":
+                # the pretrained projection, for content-kNN after the encoders have trained
+                self.pretrained_text_projection = copy.deepcopy(encoder.text_projection)
         if frozen:
             items.cache = content
         else:
@@ -305,7 +316,9 @@ class Finetuner(Trainer):
         if baselines.popularity:
             by_model[report.POPULARITY] = self.evaluation.popularity(self.batcher.popularity)
         if baselines.content_knn:
-            by_model[report.CONTENT_KNN] = self.evaluation.content_knn(self.pretrained_content)
+            by_model[report.CONTENT_KNN] = self.evaluation.content_knn(
+                self.pretrained_content, self.pretrained_text_projection
+            )
         results = {
             "step": self.state.step,
             "encoder_mode": self.config.encoder.mode,

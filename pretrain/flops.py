@@ -58,8 +58,8 @@ def forward_flops(
     ``mask_ratio`` None or 0: no masked video modelling (whole clip encoded once).
     ``mlm_targets``: average masked tokens per caption (about mlm_probability x real tokens,
     ``masked_tokens``), None: no MLM. ``decoder`` False: the masked clip feeds the contrastive
-    loss only (``objectives.contrastive_masking``). ``recomputed``: only what activation checkpointing runs
-    again in backward.
+    loss only (``objectives.contrastive_masking``). ``recomputed``: only what activation
+    checkpointing runs again in backward.
     """
     if isinstance(mlm_targets, bool):
         raise TypeError("mlm_targets is a count of masked tokens per caption, not a flag")

@@ -395,12 +395,15 @@ class VideoTextModel(PreTrainedModel):
     def _text_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.text_model(input_ids, attention_mask=attention_mask).last_hidden_state
 
-    def _text_embedding(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def pool_text(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L, Dt) text tokens → (B, Dt) sentence features, before the joint projection."""
         if self.config.text_pooling == "cls":
-            pooled = tokens[:, 0]
-        else:
-            weights = attention_mask.to(tokens.dtype).unsqueeze(-1)  # (B, L, 1)
-            pooled = (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+            return tokens[:, 0]
+        weights = attention_mask.to(tokens.dtype).unsqueeze(-1)  # (B, L, 1)
+        return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+    def _text_embedding(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        pooled = self.pool_text(tokens, attention_mask)
         return F.normalize(self.text_projection(pooled), dim=-1)  # (B, E)
 
     def encode_text(
@@ -409,6 +412,11 @@ class VideoTextModel(PreTrainedModel):
         """(B, L) ids and mask → (tokens (B, L, Dt), normalized embedding (B, E))."""
         tokens = self._text_tokens(input_ids, attention_mask)
         return tokens, self._text_embedding(tokens, attention_mask)
+
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids and mask → (B, Dt) pooled sentence features (``encode_text`` projects
+        and normalizes these into the joint space)."""
+        return self.pool_text(self._text_tokens(input_ids, attention_mask), attention_mask)
 
     def fuse(
         self,

@@ -106,6 +106,45 @@ def test_joint_embedding_is_the_untrained_content_tower(encoder):
     assert not none.joint_embedding().any()
 
 
+def test_pooled_text_starts_at_the_joint_embedding_and_its_projection_trains(encoder):
+    """The tower's own copy of the text projection: the same item embeddings at init, a
+    (N, Dt) pooled text field, and with frozen encoders the copy trains, not the encoder's."""
+    inputs, _ = make_items()
+    joint, pooled = ItemTower(encoder), ItemTower(encoder, pooled_text=True)
+    joint.freeze_encoders()
+    pooled.freeze_encoders()
+    with torch.no_grad():
+        joint_content = joint.encode_content(**inputs)
+        content = pooled.encode_content(**inputs)
+        torch.testing.assert_close(pooled.combine(content), joint.combine(joint_content))
+        torch.testing.assert_close(
+            content.joint_embedding(encoder.text_projection), joint_content.joint_embedding()
+        )
+    text_width = encoder.config.text_config.hidden_size
+    assert text_width != EMBED and content.text.shape == (5, text_width)
+    assert pooled.text_dim == text_width and joint.text_dim == EMBED
+    assert not content.text[0].any()  # item 1 has no text
+    pooled_text = encoder.text_features(inputs["input_ids"][1:2], inputs["attention_mask"][1:2])
+    torch.testing.assert_close(content.text[1], pooled_text[0])
+
+    trainable_names = {name for name, p in pooled.named_parameters() if p.requires_grad}
+    assert {"text_projection.weight", "text_projection.bias"} <= trainable_names
+    assert not any(name.startswith("encoder.") for name in trainable_names)
+    optimizer = torch.optim.SGD(pooled.parameters(), lr=0.5)
+    before = pooled.text_projection.weight.detach().clone()
+    pretrained = encoder.text_projection.weight.detach().clone()
+    pooled.combine(content)[1:].sum().backward()
+    optimizer.step()
+    assert not torch.equal(pooled.text_projection.weight, before)
+    assert torch.equal(encoder.text_projection.weight, pretrained)
+    # every mode leaves the encoder's projection out of the path (a trained copy is used)
+    pooled.unfreeze_encoders()
+    assert not encoder.text_projection.weight.requires_grad
+    assert encoder.text_model.encoder.layer[0].attention.self.query.weight.requires_grad
+    pooled.freeze_encoders()
+    joint.freeze_encoders()
+
+
 def test_cached_path_equals_end_to_end_path(encoder):
     torch.manual_seed(1)
     tower = ItemTower(encoder, dim=12, num_item_ids=5)

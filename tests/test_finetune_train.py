@@ -125,6 +125,26 @@ def test_content_cache_is_reused_on_rerun(frozen_run, world):  # noqa: F811
     torch.testing.assert_close(again.items.cache.video, trainer.items.cache.video)
 
 
+def test_a_cache_of_joint_text_is_not_taken_for_pooled_text(frozen_run, world, tmp_path):  # noqa: F811
+    """The cache's text field changes meaning with model.item_text: its fingerprint too."""
+    trainer, _, _, output = frozen_run
+    moved = tmp_path / "moved"
+    shutil.copytree(output, moved)
+    config = copy.deepcopy(trainer.config)
+    config.train.output_dir = config.tracking.output_dir = str(moved)
+    config.model.item_text = "pooled"
+    stamp = (moved / "item_content.safetensors").stat().st_mtime_ns
+    again = Finetuner(config, world)
+    assert (moved / "item_content.safetensors").stat().st_mtime_ns != stamp  # recomputed
+    text_width = trainer.encoder_config.text_config.hidden_size
+    assert again.items.cache.text.shape == (trainer.num_items + 1, text_width)
+    torch.testing.assert_close(again.items.cache.video, trainer.items.cache.video)
+    # content-kNN still ranks in the pretrained joint space
+    joint = trainer.items.cache.joint_embedding()
+    projected = again.items.cache.joint_embedding(again.pretrained_text_projection)
+    torch.testing.assert_close(projected, joint, atol=1e-5, rtol=1e-4)
+
+
 def test_id_sasrec_baseline_is_trained_once_and_reused_by_a_rerun(frozen_run, world, tmp_path):  # noqa: F811
     trainer, results, _, output = frozen_run
     moved = tmp_path / "moved"

@@ -300,9 +300,7 @@ def test_train_frames_come_from_segments(tmp_path, tokenizer):
     assert len(picks) > 1
 
 
-def test_train_texts_are_drawn_from_the_text_fields_and_eval_keeps_the_caption(
-    tmp_path, tokenizer
-):
+def test_train_texts_are_drawn_from_the_text_fields_and_eval_keeps_the_caption(tmp_path, tokenizer):
     write_shards(tmp_path, 2, 6)
     fields = ("caption", "item_id", "source")
 

@@ -59,11 +59,13 @@ class Live:
 
 @pytest.fixture(scope="module")
 def live(world, synthetic_shards, export_dir, tmp_path_factory):  # noqa: F811
-    """Frozen encoders from an export dir, the hybrid (content + ID) item tower, 4 steps."""
+    """Frozen encoders from an export dir, the hybrid (content + ID) item tower reading pooled
+    text through its own projection, 4 steps."""
     output = tmp_path_factory.mktemp("finetune")
     config = tiny(
         synthetic_shards, output, "encoder.random_init=false", f"encoder.export_dir={export_dir}",
         "train.steps=4", "baselines.id_sasrec=false", "model.id_embeddings=true",
+        "model.item_text=pooled",
     )  # fmt: skip
     trainer = Finetuner(config, world)
     trainer.fit()
@@ -122,6 +124,11 @@ def test_export_records_catalogue_cold_items_config_and_metrics(live):
     assert torch.equal(recommender.cold, torch.from_numpy(data.cold_items))
     assert 0 < int(recommender.cold.sum()) < recommender.num_items
     assert recommender.finetune["config"]["model"]["id_embeddings"] is True
+    assert recommender.model.item_tower.text_projection is not None  # pooled text, trained
+    trained = live.trainer.engine.module.item_tower.text_projection.weight.cpu()
+    torch.testing.assert_close(recommender.model.item_tower.text_projection.weight, trained)
+    pretrained = recommender.model.item_tower.encoder.text_projection.weight
+    assert not torch.equal(trained, pretrained)
     saved = json.loads((live.output_dir / "metrics.json").read_text())
     assert recommender.finetune["metrics"] == saved
     card = (live.export / "README.md").read_text()
@@ -152,6 +159,7 @@ def test_a_zero0_run_with_trained_encoder_blocks_exports_its_live_item_table(
     config = tiny(
         synthetic_shards, tmp_path / "run", "parallel.zero_stage=0", "encoder.mode=top_k",
         "train.steps=3", "baselines.id_sasrec=false", "baselines.popularity=false",
+        "model.item_text=pooled",
     )  # fmt: skip
     trainer = Finetuner(config, world)
     trainer.fit()
