@@ -103,10 +103,12 @@ def test_export_in_a_fresh_process_gives_the_live_embeddings_and_scores(live, tm
     histories_file.write_text(json.dumps(live.histories))
     script = tmp_path / "check.py"
     script.write_text(SUBPROCESS_CHECK)
+    root = Path(__file__).resolve().parent.parent  # this checkout, not the installed one
     result = subprocess.run(
         [sys.executable, str(script), str(live.export), str(histories_file), str(out)],
-        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300,
-        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())},
+        cwd=root, capture_output=True, text=True, timeout=300,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home()),
+             "PYTHONPATH": str(root)},
     )  # fmt: skip
     assert result.returncode == 0 and "without deepspeed" in result.stdout, result.stderr[-3000:]
     served = load_file(str(out))
