@@ -121,6 +121,11 @@ class FinetuneModelSettings:
     id_embeddings: bool = False
     """Hybrid item tower: content plus a learned ID embedding for warm items. Off: on the demo
     data the hybrid ranks below content alone, warm and cold-start (BENCHMARKS.md)."""
+    popularity_prior: bool = False
+    """Add w · prior to every score, the prior the item's log(1 + training count) centred over
+    the items with training interactions and w a learned scalar (0 at init): popularity, which
+    content cannot express. Items without training interactions (cold-start, new) get 0, the
+    catalogue mean. Never applied to the ID-SASRec baseline."""
 
     def __post_init__(self):
         if self.dim < 0 or self.user_layers < 1 or self.user_heads < 1:

@@ -21,6 +21,7 @@ from finetune.model import (
     pointwise_bce_loss,
     sampled_softmax_loss,
 )
+from finetune.recommender import RecommenderSpec, build_model
 from pretrain.model import VideoTextConfig, VideoTextModel
 
 EMBED = 16  # VideoTextConfig.tiny().embed_dim
@@ -303,6 +304,22 @@ def test_popularity_prior_adds_its_weight_times_the_prior(kind):
     torch.testing.assert_close(pairs, expected.diagonal(), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="needs item_ids"):
         head.score_all(users, items)
+
+
+def test_only_content_models_get_the_popularity_prior(encoder):
+    spec = RecommenderSpec(dim=EMBED, num_items=6, id_embeddings=False, popularity_prior=True)
+    content = build_model(spec, encoder)
+    assert content.head.popularity_prior.shape == (7,)
+    assert content.head.popularity_weight.requires_grad
+    assert {"head.popularity_prior", "head.popularity_weight"} <= set(content.state_dict())
+    without = RecommenderSpec(dim=EMBED, num_items=6, id_embeddings=False)
+    ids_only = build_model(spec, None)  # the ID-SASRec baseline
+    assert ids_only.head.popularity_prior is None
+    assert set(ids_only.state_dict()) == set(build_model(without, None).state_dict())
+    assert set(build_model(without, encoder).state_dict()) == set(content.state_dict()) - {
+        "head.popularity_prior",
+        "head.popularity_weight",
+    }
 
 
 def test_recommender_scores_next_items():
