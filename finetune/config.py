@@ -127,6 +127,11 @@ class FinetuneModelSettings:
     through the item tower's own copy of the pretrained text projection, which trains even
     with frozen encoders: it can recover what the joint space dropped (what captions say
     that the pretrained video tower cannot see), at the joint embedding on the first step."""
+    popularity_prior: bool = False
+    """Add w · prior to every score, the prior the item's log(1 + training count) centred over
+    the items with training interactions and w a learned scalar (0 at init): popularity, which
+    content cannot express. Items without training interactions (cold-start, new) get 0, the
+    catalogue mean. Never applied to the ID-SASRec baseline."""
 
     def __post_init__(self):
         if self.dim < 0 or self.user_layers < 1 or self.user_heads < 1:

@@ -84,7 +84,7 @@ class RankingEvaluation:
             if not self.world.is_main:
                 continue
             results[split] = self._rank(
-                eval_set, lambda ex, it, s=states: module.head.score_all(s[ex], table[it])
+                eval_set, lambda ex, it, s=states: module.head.score_all(s[ex], table[it], it)
             )
             results[split]["auc"] = self._auc(module, split, states, table)
         module.train(was_training)
@@ -104,7 +104,7 @@ class RankingEvaluation:
 
     def _auc(self, module, split: str, states: torch.Tensor, items: torch.Tensor) -> float:
         return self._pair_auc(
-            split, lambda u, i: module.head.score_pairs(states[u.to(states.device)], items[i])
+            split, lambda u, i: module.head.score_pairs(states[u.to(states.device)], items[i], i)
         )
 
     def _pair_auc(self, split: str, pair_scores) -> float:

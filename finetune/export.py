@@ -9,7 +9,8 @@ pretrain export layout (``pretrain/export.py``) with the *finetuned* encoders, s
       components/item_tower.safetensors       the item tower's own layers (modality mix,
                                               projection, ID table of the hybrid model)
       components/user_tower.safetensors       SASRec user tower
-      components/ranking_head.safetensors     logit scale (and the MLP of an "mlp" head)
+      components/ranking_head.safetensors     logit scale (and the MLP of an "mlp" head, the
+                                              popularity prior and its weight)
       components/item_embeddings.safetensors  (N + 1, D) embedding of every catalogue item
                                               (row 0 padding), plus warm / cold flags (N + 1,)
       catalogue.json                          item ids in table-row order (row i = ids[i - 1])
@@ -153,12 +154,18 @@ class ExportedRecommender:
     @torch.no_grad()
     def score_items(self, states: torch.Tensor) -> torch.Tensor:
         """(U, D) states → (U, N + 1) logits against the whole catalogue (row 0 included)."""
-        return self.model.head.score_all(states.to(self.device), self.item_embeddings)
+        rows = torch.arange(len(self.item_embeddings), device=self.device)
+        return self.model.head.score_all(states.to(self.device), self.item_embeddings, rows)
 
     @torch.no_grad()
-    def score_users(self, states: torch.Tensor, item_embedding: torch.Tensor) -> torch.Tensor:
-        """(U, D) states × (D,) one item → (U,) logits."""
-        return self.model.head.score_all(states.to(self.device), item_embedding[None])[:, 0]
+    def score_users(
+        self, states: torch.Tensor, item_embedding: torch.Tensor, row: int | None = None
+    ) -> torch.Tensor:
+        """(U, D) states × (D,) one item → (U,) logits; ``row``: the item's table row, None
+        for a new item (its popularity prior is 0, the catalogue mean)."""
+        item_ids = torch.tensor([PAD_ID if row is None else row], device=self.device)
+        head = self.model.head
+        return head.score_all(states.to(self.device), item_embedding[None], item_ids)[:, 0]
 
     @torch.no_grad()
     def embed_new_item(
@@ -212,7 +219,7 @@ def _module_config(module: torch.nn.Module, kind: str, dim: int) -> dict[str, An
             "feedforward_multiplier": layer.linear1.out_features // layer.linear1.in_features,
         }
     if kind == HEAD:
-        return {
+        config = {
             "dim": dim,
             "kind": module.kind,
             "learn_temperature": isinstance(module.log_logit_scale, torch.nn.Parameter),
@@ -220,6 +227,9 @@ def _module_config(module: torch.nn.Module, kind: str, dim: int) -> dict[str, An
             "normalize": module.normalize,
             "mlp_hidden": module.mlp[0].out_features if module.mlp is not None else 256,
         }
+        if module.popularity_prior is not None:  # absent otherwise: older readers load it
+            config["num_prior_items"] = len(module.popularity_prior) - 1
+        return config
     raise ValueError(kind)
 
 
@@ -402,7 +412,8 @@ def export_finetune(
             HEAD,
             _prefixed(state, "head."),
             config=_module_config(model.head, HEAD, dim),
-            description=f"ranking head ({model.head.kind})",
+            description=f"ranking head ({model.head.kind}"
+            + (", popularity prior)" if model.head.popularity_prior is not None else ")"),
         ),
         ExportComponent(
             ITEMS,

@@ -457,6 +457,15 @@ class RankingHead(nn.Module):
     expressive but pairwise: ``score_all`` materializes (B, N, 3D) features and runs the MLP on
     every pair, O(B·N·D·hidden) time and O(B·N·(3D + hidden)) memory. Meant for re-ranking a
     few hundred candidates, not for retrieval.
+
+    Popularity prior (``num_prior_items`` > 0): every logit gets ``scale · w · prior[item_id]``,
+    the prior a fixed buffer of centred log training counts (``popularity_prior``, set by the
+    trainer), ``scale`` the logit scale and ``w`` a learned scalar starting at 0, so at init
+    the scores are the plain head's. ``w`` is in the cosine's units: an optimizer step moves
+    it as far as the other weights, where a bare logit weight would need steps 1 / temperature
+    times larger to count. Scoring then needs the items' ids; a new item takes ``PAD_ID``,
+    whose prior is 0 (the mean of the warm items), like every item without training
+    interactions.
     """
 
     def __init__(
@@ -468,7 +477,9 @@ class RankingHead(nn.Module):
         max_logit_scale: float = 100.0,
         normalize: bool = True,
         mlp_hidden: int = 256,
+        num_prior_items: int = 0,
     ):
+        """``num_prior_items`` > 0 adds the popularity prior over item ids 0..num_prior_items."""
         super().__init__()
         if kind not in ("dot", "mlp"):
             raise ValueError(f"kind must be 'dot' or 'mlp', got {kind!r}")
@@ -487,6 +498,11 @@ class RankingHead(nn.Module):
             self.mlp = nn.Sequential(
                 nn.Linear(3 * dim, mlp_hidden), nn.GELU(), nn.Linear(mlp_hidden, 1)
             )
+        if num_prior_items > 0:
+            self.register_buffer("popularity_prior", torch.zeros(num_prior_items + 1))
+            self.popularity_weight = nn.Parameter(torch.zeros(1))  # (1,) for DeepSpeed
+        else:
+            self.popularity_prior = self.popularity_weight = None
 
     @property
     def logit_scale(self) -> torch.Tensor:
@@ -502,22 +518,62 @@ class RankingHead(nn.Module):
         features = torch.cat([users, items, users * items], dim=-1)  # (..., 3D)
         return self.mlp(features).squeeze(-1)
 
-    def score_all(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """(B, D) users × (N, D) items → (B, N) logits (see the class docstring for the cost)."""
+    @torch.no_grad()
+    def set_popularity_prior(self, counts: torch.Tensor) -> None:
+        """The prior from (num_prior_items + 1,) training counts (``centred_log_popularity``)."""
+        if self.popularity_prior is None or counts.shape != self.popularity_prior.shape:
+            shape = None if self.popularity_prior is None else tuple(self.popularity_prior.shape)
+            raise ValueError(f"counts of shape {tuple(counts.shape)}, the prior has {shape}")
+        self.popularity_prior.copy_(centred_log_popularity(counts))
+
+    def _with_prior(self, logits: torch.Tensor, item_ids: torch.Tensor | None) -> torch.Tensor:
+        """``logits`` (..., N) plus scale · w · prior of the (N,) or (..., N) ``item_ids``."""
+        if self.popularity_prior is None:
+            return logits
+        if item_ids is None:
+            raise ValueError("a head with a popularity prior needs item_ids")
+        prior = self.popularity_prior[item_ids.to(self.popularity_prior.device)]
+        return logits + self.logit_scale * self.popularity_weight * prior
+
+    def score_all(
+        self,
+        users: torch.Tensor,  # (B, D)
+        items: torch.Tensor,  # (N, D)
+        item_ids: torch.Tensor | None = None,  # (N,): the popularity prior's rows
+    ) -> torch.Tensor:
+        """(B, N) logits of every user against every item (see the class docstring for the
+        cost); ``item_ids`` are needed with the popularity prior only."""
         users, items = self._prepare(users, items)
         if self.mlp is None:
-            return self.logit_scale * users @ items.T  # (B, N)
+            return self._with_prior(self.logit_scale * users @ items.T, item_ids)  # (B, N)
         batch, count = len(users), len(items)
-        return self._mlp(
+        logits = self._mlp(
             users[:, None].expand(batch, count, -1), items[None].expand(batch, count, -1)
         )  # (B, N)
+        return self._with_prior(logits, item_ids)
 
-    def score_pairs(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """(..., D) users and (..., D) items, row by row → (...) logits."""
+    def score_pairs(
+        self,
+        users: torch.Tensor,  # (..., D)
+        items: torch.Tensor,  # (..., D)
+        item_ids: torch.Tensor | None = None,  # (...): the popularity prior's rows
+    ) -> torch.Tensor:
+        """(...) logits, row by row; ``item_ids`` as in ``score_all``."""
         users, items = self._prepare(users, items)
         if self.mlp is None:
-            return self.logit_scale * (users * items).sum(dim=-1)
-        return self._mlp(*torch.broadcast_tensors(users, items))
+            return self._with_prior(self.logit_scale * (users * items).sum(dim=-1), item_ids)
+        return self._with_prior(self._mlp(*torch.broadcast_tensors(users, items)), item_ids)
+
+
+def centred_log_popularity(counts: torch.Tensor) -> torch.Tensor:
+    """(N + 1,) training counts → the popularity prior (N + 1,) float: log(1 + count) minus its
+    mean over the items with a count, 0 for the others (padding, cold-start and new items are
+    scored as an average item)."""
+    counts = torch.as_tensor(counts)
+    seen = counts > 0
+    log_counts = torch.log1p(counts.double())
+    centred = log_counts - log_counts[seen].mean() if seen.any() else log_counts
+    return torch.where(seen, centred, 0.0).float()
 
 
 # ============================================================================= recommender
@@ -558,9 +614,14 @@ class Recommender(nn.Module):
         states = self.user_tower(history_item_embeddings, mask, time_gaps)
         return UserTower.last_states(states, mask)
 
-    def score(self, user_states: torch.Tensor, item_embeddings: torch.Tensor) -> torch.Tensor:
-        """(B, D) × (N, D) → (B, N) logits."""
-        return self.head.score_all(user_states, item_embeddings)
+    def score(
+        self,
+        user_states: torch.Tensor,  # (B, D)
+        item_embeddings: torch.Tensor,  # (N, D)
+        item_ids: torch.Tensor | None = None,  # (N,), needed with the popularity prior
+    ) -> torch.Tensor:
+        """(B, N) logits."""
+        return self.head.score_all(user_states, item_embeddings, item_ids)
 
     def forward(
         self,
@@ -632,7 +693,7 @@ def sampled_softmax_loss(
     """
     candidate_ids = torch.cat([positive_ids, negative_ids])  # (C,)
     candidates = torch.cat([positive_embeddings, negative_embeddings])  # (C, D)
-    logits = head.score_all(user_states, candidates)  # (R, C)
+    logits = head.score_all(user_states, candidates, candidate_ids)  # (R, C)
     if candidate_log_q is not None:
         logits = logits - candidate_log_q[None, :]
 
@@ -659,8 +720,9 @@ def pointwise_bce_loss(
     item_embeddings: torch.Tensor,  # (R, D)
     labels: torch.Tensor,  # (R,) in [0, 1], e.g. click / like / long watch
     head: RankingHead,
+    item_ids: torch.Tensor | None = None,  # (R,), needed with the popularity prior
 ) -> torch.Tensor:
     """Binary cross-entropy on labelled (user, item) rows, for explicit feedback (impressions
     with and without a click) that the softmax over implicit positives cannot use."""
-    logits = head.score_pairs(user_states, item_embeddings)  # (R,)
+    logits = head.score_pairs(user_states, item_embeddings, item_ids)  # (R,)
     return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))

@@ -84,13 +84,17 @@ class NextItemObjective(Recommender):
         return losses
 
     def _bce(self, batch: NextItemBatch, states: torch.Tensor, items: torch.Tensor):
+        item_ids = batch.items.item_ids
         if batch.bce_labels is None or len(batch.bce_labels) == 0:
             # same head calls as a rank with rows (ZeRO-3), zero loss still in the graph
-            dummy = pointwise_bce_loss(states[:1, 0], items[:1], states.new_zeros(1), self.head)
+            dummy = pointwise_bce_loss(
+                states[:1, 0], items[:1], states.new_zeros(1), self.head, item_ids[:1]
+            )
             return dummy * 0
         return pointwise_bce_loss(
             states[batch.bce_user, batch.bce_position],
             items[batch.bce_item_rows],
             batch.bce_labels,
             self.head,
+            item_ids[batch.bce_item_rows],
         )

@@ -220,7 +220,8 @@ def recommend_users(
             )
         embedding = recommender.item_embeddings[row]
     candidates = [h for h in histories if row is None or row not in h.items]
-    scores = recommender.score_users(_states(recommender, candidates, user_chunk), embedding)
+    states = _states(recommender, candidates, user_chunk)
+    scores = recommender.score_users(states, embedding, row)
     order = torch.argsort(scores, descending=True, stable=True)[:k]
     cold = row is None or bool(recommender.cold[row])
     return [

@@ -80,6 +80,8 @@ class RecommenderSpec:
     """Hybrid item tower: content plus learned IDs of warm items."""
     pooled_text: bool = False
     """The item tower reads pooled text features through its own text projection."""
+    popularity_prior: bool = False
+    """The head adds a learned weight times each item's popularity prior (content models)."""
     user_tower: dict[str, Any] = field(default_factory=dict)
     """``UserTower`` arguments after ``dim``."""
     head: dict[str, Any] = field(default_factory=dict)
@@ -96,6 +98,7 @@ class RecommenderSpec:
             num_items=num_items,
             id_embeddings=model.id_embeddings,
             pooled_text=model.item_text == "pooled",
+            popularity_prior=model.popularity_prior,
             user_tower={
                 "num_layers": model.user_layers,
                 "num_heads": model.user_heads,
@@ -114,6 +117,7 @@ class RecommenderSpec:
         tower, head = configs["item_tower"], dict(configs["ranking_head"])
         user = {k: v for k, v in configs["user_tower"].items() if k != "dim"}
         head.pop("dim", None)
+        prior_items = int(head.pop("num_prior_items", 0))
         # The temperature only initialises the (stored) log scale; any valid value will do.
         head.setdefault("temperature", 1 / min(20.0, head["max_logit_scale"]))
         return cls(
@@ -121,6 +125,7 @@ class RecommenderSpec:
             num_items=int(configs["item_embeddings"]["num_items"]),
             id_embeddings=int(tower["num_item_ids"]) > 0,
             pooled_text=bool(tower.get("pooled_text", False)),
+            popularity_prior=prior_items > 0,
             user_tower=user,
             head=head,
         )
@@ -130,8 +135,12 @@ def build_model(
     spec: RecommenderSpec, encoder: VideoTextModel | None, loss_bce_weight: float | None = None
 ) -> Recommender:
     """The recommender of ``spec`` around ``encoder`` (None: the ID-only item tower of the
-    ID-SASRec baseline). ``loss_bce_weight`` given: the training objective (a ``Recommender``
-    whose forward is the loss, same parameter names)."""
+    ID-SASRec baseline, which never has the popularity prior: its ID embeddings can learn
+    popularity, and it stays one baseline for every content model). ``loss_bce_weight``
+    given: the training objective (a ``Recommender`` whose forward is the loss, same parameter
+    names). A popularity prior starts at zero: the trainer sets it from its training counts
+    (``RankingHead.set_popularity_prior``), a checkpoint or an export holds it."""
+    prior = spec.popularity_prior and encoder is not None
     if encoder is None:
         item_tower = IDOnlyItemTower(spec.num_items, spec.dim)
     else:
@@ -147,7 +156,7 @@ def build_model(
         else:
             item_tower.unfreeze_top_k(layers)  # 0: frozen
     user_tower = UserTower(spec.dim, **spec.user_tower)
-    head = RankingHead(spec.dim, **spec.head)
+    head = RankingHead(spec.dim, **spec.head, num_prior_items=spec.num_items if prior else 0)
     if loss_bce_weight is None:
         return Recommender(item_tower, user_tower, head)
     return NextItemObjective(item_tower, user_tower, head, bce_weight=loss_bce_weight)

@@ -3,10 +3,11 @@ chart, and the flat names MLflow accepts.
 
 Layout of ``metrics.json``'s ``metrics``: ``{split: {model: {group: {metric: value}, "auc":
 value}}}`` with splits ``valid``/``test``, models named by what they are (``content`` or
-``hybrid``, the trained recommender by its item tower; the baselines ``ID-SASRec``,
-``popularity``, ``content-kNN``), groups ``all``/``warm``/``cold`` and metrics ``count``,
-``hr@K``, ``ndcg@K``, ``mrr``. The same names head the table, the plot's legend and the MLflow
-metrics (``test/hybrid/warm/ndcg_at_10``).
+``hybrid``, the trained recommender by its item tower, ``+pop`` appended when its head adds
+the popularity prior; the baselines ``ID-SASRec``, ``popularity``, ``content-kNN``), groups
+``all``/``warm``/``cold`` and metrics ``count``, ``hr@K``, ``ndcg@K``, ``mrr``. The same names
+head the table, the plot's legend and the MLflow metrics (``test/hybrid/warm/ndcg_at_10``;
+MLflow's character set turns ``+`` into ``_``: ``test/content_pop/...``).
 """
 
 from __future__ import annotations
@@ -22,15 +23,18 @@ from data_shards.atomic import atomic_write_bytes
 
 CONTENT, HYBRID = "content", "hybrid"
 """The trained recommender: its item tower from content alone, or content plus learned IDs."""
+WITH_PRIOR = "+pop"
+"""Suffix of a trained recommender whose head adds the learned popularity prior."""
 ID_SASREC, POPULARITY, CONTENT_KNN = "ID-SASRec", "popularity", "content-kNN"
 """The baselines: learned IDs only, training counts, pretrained content without training."""
 TABLE_METRICS = ("hr@10", "hr@20", "hr@50", "ndcg@10", "ndcg@20", "ndcg@50", "mrr")
 PLOT_METRICS = ("hr@10", "ndcg@10")
 
 
-def model_name(id_embeddings: bool) -> str:
-    """The trained recommender's name: ``hybrid`` with learned item IDs, else ``content``."""
-    return HYBRID if id_embeddings else CONTENT
+def model_name(id_embeddings: bool, popularity_prior: bool = False) -> str:
+    """The trained recommender's name: ``hybrid`` with learned item IDs, else ``content``;
+    ``+pop`` appended with the popularity prior (``content+pop``)."""
+    return (HYBRID if id_embeddings else CONTENT) + (WITH_PRIOR if popularity_prior else "")
 
 
 def nest(flat: Mapping[str, float]) -> dict[str, dict[str, float]]:

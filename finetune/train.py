@@ -69,8 +69,8 @@ def build_engine(module: torch.nn.Module, config: FinetuneConfig, world: World, 
 
 class Finetuner(Trainer):
     """One finetuning job. ``fit()`` trains to ``train.steps``, evaluates the recommender
-    (``content`` or ``hybrid``, by its item tower) and the baselines on the validation and test
-    splits, and returns the metrics."""
+    (``content`` or ``hybrid`` by its item tower, ``+pop`` with the popularity prior) and the
+    baselines on the validation and test splits, and returns the metrics."""
 
     stage = "finetune"
     loss_curve_keys = ("loss", "loss_bce", "id_sasrec_loss")
@@ -106,12 +106,16 @@ class Finetuner(Trainer):
         self.items, self.pretrained_content = self._item_source(encoder, self.data.catalogue)
 
         # --- the recommender
-        self.model_name = report.model_name(config.model.id_embeddings)
+        self.model_name = report.model_name(
+            config.model.id_embeddings, config.model.popularity_prior
+        )
         self.spec = RecommenderSpec.from_config(config, encoder.config.embed_dim, self.num_items)
         self.zero3 = config.parallel.zero_stage == 3
         # under ZeRO-3, items embedded with every batch so that every rank runs both encoders
         self.anchors = self.items.anchors() if self.zero3 else torch.zeros(0, dtype=torch.long)
         objective = build_model(self.spec, encoder, loss_bce_weight=config.loss.bce_weight)
+        if config.model.popularity_prior:
+            objective.head.set_popularity_prior(torch.from_numpy(self.batcher.popularity))
         self.engine, self.scheduler = build_engine(
             objective, config, world, config.train.steps, config.optimizer.lr, config.encoder.lr
         )
@@ -223,12 +227,14 @@ class Finetuner(Trainer):
     def id_sasrec_fingerprint(self) -> str:
         """What the baseline depends on: the data, the settings its model, loss, engine and
         seeds come from, the world size, and the data files' content (not the main training's
-        length, its encoders, whether its item tower adds IDs to content, the other baselines,
-        or where the run is written: a content and a hybrid run share one baseline)."""
+        length, its encoders, whether its item tower adds IDs to content or its head a
+        popularity prior, the other baselines, or where the run is written: a content and a
+        hybrid run share one baseline)."""
         resolved, data = self.resolved, self.config.data
         sections = ("data", "model", "loss", "baselines", "optimizer", "parallel")
         record = {name: resolved[name] for name in sections}
-        record["model"] = {k: v for k, v in record["model"].items() if k != "id_embeddings"}
+        not_in_baseline = ("id_embeddings", "popularity_prior")
+        record["model"] = {k: v for k, v in record["model"].items() if k not in not_in_baseline}
         record["baselines"] = {
             k: v for k, v in record["baselines"].items() if k.startswith("id_sasrec")
         }

@@ -1,14 +1,17 @@
-"""Ranking quality on the demo data over several seeds: the recommender with a content and with
-a hybrid item tower, beside the baselines of the same runs (ID-SASRec, popularity,
-content-kNN); test split, warm and cold-start targets, mean ± sd over the seeds.
+"""Ranking quality on the demo data over several seeds: recommender variants (``VARIANTS``:
+content or hybrid item tower, joint or pooled item text; default the content and hybrid
+towers as finetune_small.yaml configures them), beside the baselines of the same runs
+(ID-SASRec, popularity, content-kNN); test split, warm and cold-start targets, mean ± sd over
+the seeds.
 
     python launch/bench_ranking.py --demo-dir demo_output [--seeds 0 1 2] [--ranks 2]
+        [--variants content hybrid content-joint ...]
 
 ``--demo-dir`` is what ``bash launch/demo.sh`` leaves in ``VIDREC_DEMO_DIR``: the synthetic
-data, its shards and the pretraining the demo's finetune starts from. Each (seed, item tower)
+data, its shards and the pretraining the demo's finetune starts from. Each (seed, variant)
 is one ``vidrec finetune`` started as the demo starts it (``launch/finetune.sh``:
 ``launch/configs/finetune_small.yaml``, the deepspeed launcher, ``--ranks`` CPU ranks, the
-demo's data overrides), with ``train.seed`` and ``model.id_embeddings`` set, in its own
+demo's data overrides), with ``train.seed`` and the variant's overrides set, in its own
 directory under ``--workdir``, on this tree's code. A later run starts with the content cache
 of an earlier one and, for the same seed, its ID-SASRec baseline copied in: both files are
 fingerprinted, so a run takes them only if they are what it would compute. A run whose
@@ -30,8 +33,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TOWERS = {"content": "false", "hybrid": "true"}
-"""Item tower → ``model.id_embeddings``."""
+VARIANTS = {
+    "content": ("content", ["model.id_embeddings=false"]),
+    "hybrid": ("hybrid", ["model.id_embeddings=true"]),
+    "content-joint": ("content", ["model.id_embeddings=false", "model.item_text=joint"]),
+    "content-pooled": ("content", ["model.id_embeddings=false", "model.item_text=pooled"]),
+    "hybrid-pooled": ("hybrid", ["model.id_embeddings=true", "model.item_text=pooled"]),
+}
+"""Variant → (the model's name in metrics.json, its overrides of finetune_small.yaml)."""
 BASELINES = ("ID-SASRec", "popularity", "content-kNN")
 COLUMNS = (("warm", "hr@10"), ("warm", "ndcg@10"), ("cold", "hr@10"), ("cold", "ndcg@10"))
 SHARED_FILES = ("item_content.safetensors", "id_sasrec.safetensors")
@@ -56,12 +65,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def finetune(demo: Path, output_dir: Path, seed: int, tower: str, args) -> float:
+def finetune(demo: Path, output_dir: Path, seed: int, variant: str, args) -> float:
     """One demo finetune run (its output in ``output_dir / "finetune.log"``); wall seconds."""
     settings = demo_overrides(demo, output_dir) + [
         f"train.steps={args.steps}",
         f"train.seed={seed}",
-        f"model.id_embeddings={TOWERS[tower]}",
+        *VARIANTS[variant][1],
     ]
     command = ["bash", str(ROOT / "launch" / "finetune.sh")]
     for setting in settings:
@@ -111,41 +120,43 @@ def cell(values: list[float]) -> str:
 
 
 def print_table(by_model: dict[str, list[dict]], seeds: list[int]) -> None:
-    header = f"{'model':<12} " + " ".join(f"{g + ' ' + m.upper():>15}" for g, m in COLUMNS)
+    header = f"{'model':<14} " + " ".join(f"{g + ' ' + m.upper():>15}" for g, m in COLUMNS)
     print(f"\n== test split, mean ± sd over seeds {' '.join(map(str, seeds))} ==")
     print(header + "\n" + "-" * len(header))
     for model, runs in by_model.items():
         cells = [cell([run[group][metric] for run in runs]) for group, metric in COLUMNS]
-        print(f"{model:<12} " + " ".join(f"{c:>15}" for c in cells))
+        print(f"{model:<14} " + " ".join(f"{c:>15}" for c in cells))
     print("\nper seed (warm HR@10 / NDCG@10, cold HR@10 / NDCG@10):")
     for model, runs in by_model.items():
         figures = [
             "/".join(f"{run[group][metric]:.3f}" for group, metric in COLUMNS) for run in runs
         ]
-        print(f"{model:<12} " + "  ".join(f"{s}: {f}" for s, f in zip(seeds, figures, strict=True)))
+        print(f"{model:<14} " + "  ".join(f"{s}: {f}" for s, f in zip(seeds, figures, strict=True)))
 
 
-def print_margins(by_model: dict[str, list[dict]], towers: list[str]) -> None:
+def print_margins(by_model: dict[str, list[dict]], variants: list[str]) -> None:
     """Each trained model's mean minus the best baseline's mean, per column."""
     print("\nmean minus the best baseline's mean (positive: the model is ahead):")
-    for tower in towers:
+    for variant in variants:
         parts = []
         for group, metric in COLUMNS:
-            mean = statistics.mean(run[group][metric] for run in by_model[tower])
+            mean = statistics.mean(run[group][metric] for run in by_model[variant])
             best, name = max(
                 (statistics.mean(run[group][metric] for run in by_model[b]), b)
                 for b in BASELINES
                 if b in by_model
             )
             parts.append(f"{group} {metric.upper()} {mean - best:+.3f} (vs {name})")
-        print(f"{tower:<12} " + "; ".join(parts))
+        print(f"{variant:<14} " + "; ".join(parts))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo-dir", type=Path, default=ROOT / "demo_output")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--towers", nargs="+", choices=list(TOWERS), default=list(TOWERS))
+    parser.add_argument(
+        "--variants", nargs="+", choices=list(VARIANTS), default=["content", "hybrid"]
+    )
     parser.add_argument("--ranks", type=int, default=2, help="CPU ranks (the demo's 2)")
     parser.add_argument("--steps", type=int, default=300, help="the demo's 300")
     parser.add_argument("--workdir", type=Path, default=None,
@@ -167,19 +178,20 @@ def main() -> None:
     by_model: dict[str, list[dict]] = {}
     counts = None
     for seed in args.seeds:
-        for index, tower in enumerate(args.towers):
-            output_dir = workdir / f"seed{seed}-{tower}"
+        for index, variant in enumerate(args.variants):
+            output_dir = workdir / f"seed{seed}-{variant}"
             results = completed(output_dir, args.steps)
             if results is None:
                 share_files(workdir, output_dir, seed)
-                seconds = finetune(demo, output_dir, seed, tower, args)
+                seconds = finetune(demo, output_dir, seed, variant, args)
                 results = completed(output_dir, args.steps)
-                print(f"  seed {seed} {tower:<8} {seconds:6.0f} s", flush=True)
+                print(f"  seed {seed} {variant:<14} {seconds:6.0f} s", flush=True)
             else:
-                print(f"  seed {seed} {tower:<8} read from {output_dir}", flush=True)
+                print(f"  seed {seed} {variant:<14} read from {output_dir}", flush=True)
             test = results["metrics"]["test"]
-            counts = {group: int(test[tower][group]["count"]) for group in ("warm", "cold")}
-            by_model.setdefault(tower, []).append(test[tower])
+            model = test[VARIANTS[variant][0]]
+            counts = {group: int(model[group]["count"]) for group in ("warm", "cold")}
+            by_model.setdefault(variant, []).append(model)
             for baseline in BASELINES:
                 if baseline not in test:
                     continue
@@ -188,9 +200,9 @@ def main() -> None:
                 elif figures(test[baseline]) != figures(by_model[baseline][-1]):
                     print(f"  note: {baseline} differs between the runs of seed {seed}")
     print(f"\n{counts['warm']} warm and {counts['cold']} cold-start test targets")
-    order = [*args.towers, *(b for b in BASELINES if b in by_model)]
+    order = [*args.variants, *(b for b in BASELINES if b in by_model)]
     print_table({model: by_model[model] for model in order}, args.seeds)
-    print_margins(by_model, args.towers)
+    print_margins(by_model, args.variants)
     print(
         f"\ntotal {time.perf_counter() - started:.0f} s; load average at the end "
         f"{os.getloadavg()[0]:.2f}"

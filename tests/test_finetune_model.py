@@ -15,11 +15,13 @@ from finetune.model import (
     Recommender,
     UserTower,
     bucketize_time_gaps,
+    centred_log_popularity,
     history_exclusion,
     mixed_sampling_log_q,
     pointwise_bce_loss,
     sampled_softmax_loss,
 )
+from finetune.recommender import RecommenderSpec, build_model
 from pretrain.model import VideoTextConfig, VideoTextModel
 
 EMBED = 16  # VideoTextConfig.tiny().embed_dim
@@ -305,6 +307,60 @@ def test_dot_head_is_scaled_cosine_with_fixed_temperature():
     torch.testing.assert_close(head.score_all(users, items), expected)
 
 
+def test_popularity_prior_is_centred_log_counts_of_warm_items():
+    counts = torch.tensor([0, 1, 0, 3, 15])  # padding, three warm items, one never seen
+    # log(1 + count) of the warm items: ln 2 · (1, 2, 4), mean ln 2 · 7 / 3
+    expected = math.log(2) * torch.tensor([0, 1 - 7 / 3, 0, 2 - 7 / 3, 4 - 7 / 3])
+    prior = centred_log_popularity(counts)
+    assert prior.dtype == torch.float32
+    torch.testing.assert_close(prior, expected, atol=1e-7, rtol=0)
+    assert not centred_log_popularity(torch.zeros(3, dtype=torch.long)).any()
+    head = RankingHead(16, num_prior_items=4)
+    head.set_popularity_prior(counts)
+    assert torch.equal(head.popularity_prior, prior)
+    with pytest.raises(ValueError, match="counts of shape"):
+        head.set_popularity_prior(torch.ones(3))
+
+
+@pytest.mark.parametrize("kind", ["dot", "mlp"])
+def test_popularity_prior_adds_its_weight_times_the_prior(kind):
+    torch.manual_seed(0)
+    plain = RankingHead(16, kind=kind, mlp_hidden=8)
+    head = RankingHead(16, kind=kind, mlp_hidden=8, num_prior_items=5)
+    head.load_state_dict(plain.state_dict(), strict=False)  # the same scale and MLP
+    head.set_popularity_prior(torch.tensor([0, 2, 0, 9, 1, 4]))
+    users, items = torch.randn(3, 16), torch.randn(4, 16)
+    ids = torch.tensor([3, PAD_ID, 2, 5])  # a warm item, a new item (PAD_ID), a cold one
+    # w = 0 at init: exactly the plain head
+    assert torch.equal(head.score_all(users, items, ids), plain.score_all(users, items))
+    with torch.no_grad():
+        head.popularity_weight.fill_(0.75)
+    shift = head.logit_scale * 0.75 * head.popularity_prior[ids]  # (4,), the cosine's units
+    assert shift[0] > 0 and shift[1] == shift[2] == 0
+    expected = plain.score_all(users, items) + shift
+    torch.testing.assert_close(head.score_all(users, items, ids), expected, atol=1e-6, rtol=0)
+    pairs = head.score_pairs(users, items[:3], ids[:3])
+    torch.testing.assert_close(pairs, expected.diagonal(), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="needs item_ids"):
+        head.score_all(users, items)
+
+
+def test_only_content_models_get_the_popularity_prior(encoder):
+    spec = RecommenderSpec(dim=EMBED, num_items=6, id_embeddings=False, popularity_prior=True)
+    content = build_model(spec, encoder)
+    assert content.head.popularity_prior.shape == (7,)
+    assert content.head.popularity_weight.requires_grad
+    assert {"head.popularity_prior", "head.popularity_weight"} <= set(content.state_dict())
+    without = RecommenderSpec(dim=EMBED, num_items=6, id_embeddings=False)
+    ids_only = build_model(spec, None)  # the ID-SASRec baseline
+    assert ids_only.head.popularity_prior is None
+    assert set(ids_only.state_dict()) == set(build_model(without, None).state_dict())
+    assert set(build_model(without, encoder).state_dict()) == set(content.state_dict()) - {
+        "head.popularity_prior",
+        "head.popularity_weight",
+    }
+
+
 def test_recommender_scores_next_items():
     items = IDOnlyItemTower(num_items=9, dim=16)
     model = Recommender(items, make_user_tower(), RankingHead(16)).eval()
@@ -433,6 +489,31 @@ def test_mixed_sampling_log_q():
     probability = torch.tensor([0.0, 0.5, 0.3, 0.2])  # items 1..3
     log_q = mixed_sampling_log_q(torch.tensor([1, 3]), probability, 4, 6, 3)
     torch.testing.assert_close(log_q, torch.log(torch.tensor([4 * 0.5 + 2, 4 * 0.2 + 2])))
+
+
+def test_losses_add_the_popularity_prior_of_each_candidate():
+    """Training sees the prior: the softmax over candidates and the BCE score scale · w · prior
+    on top of the plain logits, so the prior's weight gets a gradient."""
+    head = RankingHead(2, temperature=0.5, learn_temperature=False, normalize=False,
+                       num_prior_items=9)  # fmt: skip
+    head.set_popularity_prior(torch.tensor([0, 1, 0, 3, 7, 0, 0, 0, 0, 20]))
+    with torch.no_grad():
+        head.popularity_weight.fill_(0.5)
+    users = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    positives = torch.tensor([[1.0, 1.0], [0.5, 1.0]])
+    negatives = torch.tensor([[-1.0, 3.0], [2.0, 0.0]])
+    positive_ids, negative_ids = torch.tensor([1, 4]), torch.tensor([9, 2])
+    loss = sampled_softmax_loss(users, positive_ids, positives, negative_ids, negatives, head)
+    prior = 2 * 0.5 * head.popularity_prior[torch.cat([positive_ids, negative_ids])]
+    logits = 2 * users @ torch.cat([positives, negatives]).T + prior  # (2, 4), scale 2
+    torch.testing.assert_close(loss, F.cross_entropy(logits, torch.tensor([0, 1])))
+    loss.backward()
+    assert head.popularity_weight.grad.abs() > 1e-3
+
+    labels = torch.tensor([1.0, 0.0])
+    bce = pointwise_bce_loss(users, positives, labels, head, positive_ids)
+    pair_logits = 2 * (users * positives).sum(dim=-1) + prior[:2]
+    torch.testing.assert_close(bce, F.binary_cross_entropy_with_logits(pair_logits, labels))
 
 
 def test_pointwise_bce_loss():

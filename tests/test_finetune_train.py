@@ -20,8 +20,9 @@ from test_pretrain_train import world  # noqa: F401  (the module-wide process gr
 from finetune import report
 from finetune.batches import NextItemBatcher
 from finetune.config import ConfigError, load_finetune_config
+from finetune.evaluate import gathered_copy
 from finetune.item_content import ClipReading, build_clip_store, locate_clips
-from finetune.model import PAD_ID
+from finetune.model import PAD_ID, centred_log_popularity
 from finetune.train import Finetuner
 from pretrain.config import ModelSettings, from_dict
 from pretrain.model import VideoTextModel
@@ -161,6 +162,7 @@ def test_id_sasrec_baseline_is_trained_once_and_reused_by_a_rerun(frozen_run, wo
     fingerprint = again.id_sasrec_fingerprint()
     again.resolved["train"]["steps"] += 5  # the main training's length: the same baseline
     again.resolved["model"]["id_embeddings"] = True  # a hybrid run: the same baseline
+    again.resolved["model"]["popularity_prior"] = True  # the prior is the content model's only
     assert again.id_sasrec_fingerprint() == fingerprint
     again.resolved["baselines"]["id_sasrec_steps"] += 1
     assert again.id_sasrec_fingerprint() != fingerprint
@@ -323,21 +325,29 @@ def test_acceptance_on_the_synthetic_test_split(frozen_run):
 def test_zero3_trains_and_evaluates_like_zero2(world, synthetic_shards, tmp_path, mode):  # noqa: F811
     """ZeRO-3 keeps weights partitioned outside the engine's forward: the whole loss runs
     inside it, and evaluation gathers the weights. Same seed, same data: the same losses and
-    metrics as ZeRO-2, for the content model (with a mid-run evaluation and the BCE term) and
-    the ID-SASRec baseline."""
-    runs = {}
+    metrics as ZeRO-2, for the content model (with a mid-run evaluation, the BCE term and the
+    popularity prior, whose weight is partitioned like the logit scale) and the ID-SASRec
+    baseline."""
+    runs, prior_weights = {}, {}
+    partitioned = {"head.log_logit_scale", "head.popularity_weight", "item_tower.projection.weight"}
     for stage in (2, 3):
         config = tiny(
             synthetic_shards, tmp_path / f"zero{stage}", f"parallel.zero_stage={stage}",
             f"encoder.mode={mode}", "train.steps=4", "train.eval_every=2",
             "baselines.id_sasrec_steps=3", "baselines.popularity=false", "loss.bce_weight=0.5",
+            "model.popularity_prior=true",
         )  # fmt: skip
         trainer = Finetuner(config, world)
         runs[stage] = trainer, trainer.fit()
         # the weights really are partitioned outside the forward (what crashed before)
         module = trainer.engine.module
         empty = {name for name, weight in module.named_parameters() if weight.numel() == 0}
-        assert (stage == 3) == ({"head.log_logit_scale", "item_tower.projection.weight"} <= empty)
+        assert (stage == 3) == (partitioned <= empty)
+        # what evaluation scores with: the trained weight, the prior of the training counts
+        replica = gathered_copy(module, trainer.spec, trainer.encoder_config)
+        prior_weights[stage] = replica.head.popularity_weight.detach().clone()
+        counts = torch.from_numpy(trainer.batcher.popularity)
+        assert torch.equal(replica.head.popularity_prior, centred_log_popularity(counts))
     (trainer2, results2), (trainer3, results3) = runs[2], runs[3]
     for key in ("loss", "loss_softmax", "loss_bce"):
         torch.testing.assert_close(
@@ -345,7 +355,10 @@ def test_zero3_trains_and_evaluates_like_zero2(world, synthetic_shards, tmp_path
             rtol=1e-4, atol=1e-5,
         )  # fmt: skip
     assert trainer3.history[0]["loss_bce"] > 0
-    for model in ("content", "ID-SASRec"):
+    assert float(prior_weights[2].abs()) > 1e-4  # trained
+    torch.testing.assert_close(prior_weights[3], prior_weights[2], rtol=1e-4, atol=1e-6)
+    assert "test/content_pop/warm/ndcg_at_10" in report.mlflow_metrics(results3["metrics"])
+    for model in ("content+pop", "ID-SASRec"):
         for group in ("warm", "cold"):
             for metric in ("ndcg@10", "mrr"):
                 assert results3["metrics"]["test"][model][group][metric] == pytest.approx(

@@ -1,7 +1,7 @@
 """The finetuned recommender's hand-off and serving: a tiny finetune run (in-process, a world of
 one) → ``vidrec export`` → a fresh process without DeepSpeed gives the live model's item
-embeddings and scores; ``vidrec recommend`` for users and for a new item; damaged exports are
-refused naming the component."""
+embeddings and scores, its popularity prior included; ``vidrec recommend`` for users and for a
+new item; damaged exports are refused naming the component."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from test_pretrain_train import world  # noqa: F401  (the module-wide process gr
 
 import vidrec_cli
 from finetune.export import ITEMS, USER_TOWER, build_recommender, load_recommender
+from finetune.model import PAD_ID
 from finetune.recommend import (
     UserHistory,
     read_histories,
@@ -43,7 +44,8 @@ class Live:
         eval_set = trainer.data.eval_set("test")
         self.items = trainer.items.table(module.item_tower, trainer.world.device)  # (N + 1, D)
         self.states = trainer.evaluation.user_states(module, self.items, eval_set)  # (U, D)
-        self.scores = module.head.score_all(self.states, self.items)  # (U, N + 1)
+        rows = torch.arange(len(self.items))
+        self.scores = module.head.score_all(self.states, self.items, rows)  # (U, N + 1)
         ids, histories = trainer.data.catalogue.item_ids, eval_set.histories
         self.histories = []
         for user in range(len(eval_set.users)):
@@ -60,12 +62,13 @@ class Live:
 @pytest.fixture(scope="module")
 def live(world, synthetic_shards, export_dir, tmp_path_factory):  # noqa: F811
     """Frozen encoders from an export dir, the hybrid (content + ID) item tower reading pooled
-    text through its own projection, 4 steps."""
+    text through its own projection, with the popularity prior, 4 steps."""
     output = tmp_path_factory.mktemp("finetune")
     config = tiny(
         synthetic_shards, output, "encoder.random_init=false", f"encoder.export_dir={export_dir}",
         "train.steps=4", "baselines.id_sasrec=false", "model.id_embeddings=true",
         "model.item_text=pooled",
+        "model.popularity_prior=true",
     )  # fmt: skip
     trainer = Finetuner(config, world)
     trainer.fit()
@@ -105,10 +108,12 @@ def test_export_in_a_fresh_process_gives_the_live_embeddings_and_scores(live, tm
     histories_file.write_text(json.dumps(live.histories))
     script = tmp_path / "check.py"
     script.write_text(SUBPROCESS_CHECK)
+    root = Path(__file__).resolve().parent.parent  # this checkout, not the installed one
     result = subprocess.run(
         [sys.executable, str(script), str(live.export), str(histories_file), str(out)],
-        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300,
-        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())},
+        cwd=root, capture_output=True, text=True, timeout=300,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home()),
+             "PYTHONPATH": str(root)},
     )  # fmt: skip
     assert result.returncode == 0 and "without deepspeed" in result.stdout, result.stderr[-3000:]
     served = load_file(str(out))
@@ -132,13 +137,48 @@ def test_export_records_catalogue_cold_items_config_and_metrics(live):
     saved = json.loads((live.output_dir / "metrics.json").read_text())
     assert recommender.finetune["metrics"] == saved
     card = (live.export / "README.md").read_text()
-    assert set(saved["metrics"]["test"]) == {"hybrid", "popularity", "content-kNN"}
-    assert "test/hybrid/cold/hr@10" in card and "components/user_tower.safetensors" in card
+    assert set(saved["metrics"]["test"]) == {"hybrid+pop", "popularity", "content-kNN"}
+    assert "test/hybrid+pop/cold/hr@10" in card and "components/user_tower.safetensors" in card
     assert "## Evaluation (recommendation: leave-one-out test split" in card
     assert "held-out text-video retrieval" not in card
     assert "metrics:\n- hit_rate\n- ndcg\n- mrr" in card.split("\n---\n")[0]
     assert str(live.output_dir) not in card and str(live.export.parent) not in card
     assert not list(live.export.rglob("*.pt")) and not list(live.export.rglob("*.bin"))
+
+
+def test_the_trained_popularity_prior_is_exported_and_served(live):
+    """The head of the live run holds the prior of its training counts and a weight that
+    training moved off 0; the export holds both, and its scores are the plain scores plus
+    w · prior of each item."""
+    head = live.trainer.engine.module.head
+    counts = torch.from_numpy(live.trainer.batcher.popularity)
+    warm = counts > 0
+    log_counts = torch.log1p(counts.double())
+    by_hand = torch.where(warm, log_counts - log_counts[warm].mean(), 0.0).float()
+    torch.testing.assert_close(head.popularity_prior, by_hand, atol=1e-6, rtol=0)
+    assert head.popularity_prior[PAD_ID] == 0 and not head.popularity_prior[~warm].any()
+    cold = torch.from_numpy(live.trainer.data.cold_items)
+    assert cold.any() and not head.popularity_prior[cold].any()
+    weight = float(head.popularity_weight.detach())
+    assert abs(weight) > 1e-4, weight  # 4 steps of training moved it
+
+    recommender = load_recommender(live.export)
+    served = recommender.model.head
+    assert torch.equal(served.popularity_prior, head.popularity_prior.cpu())
+    assert float(served.popularity_weight) == weight
+    states = recommender.user_states(
+        [recommender.rows(h["items"]) for h in live.histories],
+        [h["timestamps"] for h in live.histories],
+    )
+    scores = recommender.score_items(states)
+    with torch.no_grad():
+        served.popularity_weight.zero_()
+    plain = recommender.score_items(states)
+    shift = (scores - plain)[:, warm]  # (U, warm items)
+    scale = float(served.logit_scale)
+    expected = (scale * weight * head.popularity_prior.cpu()[warm]).expand_as(shift)
+    torch.testing.assert_close(shift, expected, atol=1e-5, rtol=0)
+    assert torch.equal(scores[:, ~warm], plain[:, ~warm])
 
 
 def test_an_output_dir_serves_the_same_recommender(live):
@@ -218,7 +258,8 @@ def test_users_for_a_new_item_are_sorted_and_equal_a_manual_computation(live, sy
             tokens["attention_mask"], item_ids=torch.zeros(1, dtype=torch.long),
             id_mask=torch.zeros(1, dtype=torch.bool),
         )  # fmt: skip
-        expected = module.head.score_all(live.states, item)[:, 0]  # (U,)
+        # a new item has no training count: the prior of PAD_ID, 0
+        expected = module.head.score_all(live.states, item, torch.tensor([PAD_ID]))[:, 0]
     top = expected.topk(5)
     assert [r.user_id for r in rows] == [histories[i].user_id for i in top.indices.tolist()]
     torch.testing.assert_close(torch.tensor([r.score for r in rows]), top.values, atol=1e-5,
@@ -228,6 +269,10 @@ def test_users_for_a_new_item_are_sorted_and_equal_a_manual_computation(live, sy
     item_id = recommender.item_ids[histories[0].items[0] - 1]
     audience = recommend_users(recommender, histories, item_id, k=len(histories))
     assert histories[0].user_id not in {row.user_id for row in audience}
+    user_index = {history.user_id: index for index, history in enumerate(histories)}
+    column = live.scores[[user_index[row.user_id] for row in audience], histories[0].items[0]]
+    served = torch.tensor([row.score for row in audience])
+    torch.testing.assert_close(served, column, atol=1e-5, rtol=1e-5)  # its prior included
     with pytest.raises(KeyError, match="unknown item id 'nope'"):
         recommend_users(recommender, histories, "nope", k=3)
 
