@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # Pretraining quality in the demo's budget: the demo's pretraining (small preset, 2 ranks, 16
-# clips per rank and step) with the settings of launch/configs/small.yaml and the demo's 80
+# clips per rank and step) with the settings of launch/configs/small.yaml and the demo's 70
 # steps ("new"), and with the settings before ("old": masked video modelling with its decoder,
 # 60 steps, the same wall time), over several seeds; the held-out text→video retrieval (36
 # cold-start items, never trained on) and the wall and CPU time of each run, then the mean ±
 # sd of each config. The demo's data, built once.
 #   bash launch/bench_pretrain_quality.sh [OUT]     (default /tmp/vidrec-pretrain-quality)
 # Environment: SEEDS (default "1 2 3"; seed 0 was the one tuned on), VARIANTS (default
-# "new old"), NEW_STEPS (default 80), OLD_STEPS (default 60).
+# "new old"), NEW_STEPS (default 70), OLD_STEPS (default 60).
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 OUT=${1:-/tmp/vidrec-pretrain-quality}
-NEW_STEPS=${NEW_STEPS:-80}
+NEW_STEPS=${NEW_STEPS:-70}
 OLD_STEPS=${OLD_STEPS:-60}
 mkdir -p "$OUT"
 . "$ROOT/launch/demo_data.sh" "$OUT"

@@ -39,6 +39,7 @@ VARIANTS = {
     "content-joint": ("content", ["model.id_embeddings=false", "model.item_text=joint"]),
     "content-pooled": ("content", ["model.id_embeddings=false", "model.item_text=pooled"]),
     "hybrid-pooled": ("hybrid", ["model.id_embeddings=true", "model.item_text=pooled"]),
+    "content+pop": ("content+pop", ["model.id_embeddings=false", "model.popularity_prior=true"]),
 }
 """Variant → (the model's name in metrics.json, its overrides of finetune_small.yaml)."""
 BASELINES = ("ID-SASRec", "popularity", "content-kNN")

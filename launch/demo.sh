@@ -30,8 +30,8 @@ vidrec shards stream "$OUT/shards_warm" --batches 4 --batch-size 8 --frames 8 --
 echo "[vidrec demo] 5/7 pretraining the small preset (MiniLM text tower) on ${VIDREC_DEMO_RANKS:-2} ranks"
 CONFIG=$ROOT/launch/configs/small.yaml GPUS=${VIDREC_DEMO_RANKS:-2} bash "$ROOT/launch/pretrain.sh" \
   --set data.train_shards="$OUT/shards_warm" --set data.eval_shards="$OUT/shards_cold" \
-  --set train.output_dir="$OUT/pretrain" --set train.steps="${VIDREC_DEMO_STEPS:-80}" \
-  --set train.eval_every=0 --set train.save_every=40 2>&1 | grep -v "^\[20"
+  --set train.output_dir="$OUT/pretrain" --set train.steps="${VIDREC_DEMO_STEPS:-70}" \
+  --set train.eval_every=0 --set train.save_every=35 2>&1 | grep -v "^\[20"
 python - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
