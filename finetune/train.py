@@ -164,7 +164,8 @@ class Finetuner(Trainer):
                 pooled_text=config.model.item_text == "pooled",
             ).to(world.device)
             if config.model.item_text == "pooled":
-                # the pretrained projection, for content-kNN after the encoders have trained
+                # content-kNN projects with it after training, when under ZeRO-3 the
+                # encoder's own is a shard: a whole copy, taken before the engine exists
                 self.pretrained_text_projection = copy.deepcopy(encoder.text_projection)
         if frozen:
             items.cache = content
@@ -227,13 +228,13 @@ class Finetuner(Trainer):
     def id_sasrec_fingerprint(self) -> str:
         """What the baseline depends on: the data, the settings its model, loss, engine and
         seeds come from, the world size, and the data files' content (not the main training's
-        length, its encoders, whether its item tower adds IDs to content or its head a
-        popularity prior, the other baselines, or where the run is written: a content and a
-        hybrid run share one baseline)."""
+        length, its encoders, what its item tower reads (IDs added to content, joint or pooled
+        text) or whether its head adds a popularity prior, the other baselines, or where the
+        run is written: a content and a hybrid run share one baseline)."""
         resolved, data = self.resolved, self.config.data
         sections = ("data", "model", "loss", "baselines", "optimizer", "parallel")
         record = {name: resolved[name] for name in sections}
-        not_in_baseline = ("id_embeddings", "popularity_prior")
+        not_in_baseline = ("id_embeddings", "item_text", "popularity_prior")
         record["model"] = {k: v for k, v in record["model"].items() if k not in not_in_baseline}
         record["baselines"] = {
             k: v for k, v in record["baselines"].items() if k.startswith("id_sasrec")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_shards.synth import PREFERENCE_WEIGHTS
+from data_shards.synth import PREFERENCE_WEIGHTS, Item, User, preference_matches
 
 ATTRIBUTES = ("shape", "colour", "size", "background", "direction", "speed", "motion")
 TASTE_ATTRIBUTES = ("colour", "shape", "motion", "speed")
@@ -46,9 +46,19 @@ def main() -> None:
     rng = np.random.default_rng(0)
     items = [json.loads(line) for line in (args.synth / "items.jsonl").read_text().splitlines()]
     users = {
-        user["user_id"]: user
-        for user in map(json.loads, (args.synth / "users.jsonl").read_text().splitlines())
+        row["user_id"]: User(**(row | {"colours": tuple(row["colours"])}))
+        for row in map(json.loads, (args.synth / "users.jsonl").read_text().splitlines())
     }
+    generated = [
+        Item(
+            item_id=item["item_id"],
+            start=tuple(item["start"]),
+            cold_start=item["cold_start"],
+            caption=item["caption"],
+            **item["attributes"],
+        )
+        for item in items
+    ]
     row = {item["item_id"]: index for index, item in enumerate(items)}
     cold = np.array([item["cold_start"] for item in items])
     engaged = defaultdict(list)
@@ -82,14 +92,11 @@ def main() -> None:
             continue
         target, history = sequence[-1], sequence[:-1]
         group = "cold" if cold[target] else "warm"
-        user = users[user_id]
+        # the generator's own taste: the weights of the preferences an item matches
         taste = np.array(
             [
-                PREFERENCE_WEIGHTS["colour"] * (item["attributes"]["colour"] in user["colours"])
-                + PREFERENCE_WEIGHTS["shape"] * (item["attributes"]["shape"] == user["shape"])
-                + PREFERENCE_WEIGHTS["motion"] * (item["motion"] == user["motion"])
-                + PREFERENCE_WEIGHTS["speed"] * (item["attributes"]["speed"] == user["speed"])
-                for item in items
+                sum(PREFERENCE_WEIGHTS[name] for name, hit in matches.items() if hit)
+                for matches in (preference_matches(users[user_id], item) for item in generated)
             ]
         )
         jitter = 1e-6 * rng.random(len(items))  # random tie-breaking

@@ -273,12 +273,12 @@ class DataSettings:
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     """Width / height of a training sample's random crop."""
     flip_prob: float = 0.5
+    """Probability of a horizontal flip of a training sample. A flip reverses left and right
+    in the clip but not in its caption: 0 for captions that say which way things move."""
     train_text_fields: list[str] = field(default_factory=lambda: ["caption"])
     """The texts a training clip is paired with, one drawn at random per clip: "caption", or
     any field of the shards' json, such as title or tags (a list is joined with ", ").
     Held-out retrieval always uses the caption."""
-    """Probability of a horizontal flip of a training sample. A flip reverses left and right
-    in the clip but not in its caption: 0 for captions that say which way things move."""
     pass_samples: int = 0
     """Training samples per reader pass over all ranks (0: one endless pass). A resume passes
     over the samples read since the pass began, so this bounds what a resume re-reads; each

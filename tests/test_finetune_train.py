@@ -163,6 +163,7 @@ def test_id_sasrec_baseline_is_trained_once_and_reused_by_a_rerun(frozen_run, wo
     again.resolved["train"]["steps"] += 5  # the main training's length: the same baseline
     again.resolved["model"]["id_embeddings"] = True  # a hybrid run: the same baseline
     again.resolved["model"]["popularity_prior"] = True  # the prior is the content model's only
+    again.resolved["model"]["item_text"] = "pooled"  # what the item tower reads: not ID-only
     assert again.id_sasrec_fingerprint() == fingerprint
     again.resolved["baselines"]["id_sasrec_steps"] += 1
     assert again.id_sasrec_fingerprint() != fingerprint
