@@ -78,18 +78,13 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import default_collate
 
-from data_shards.augment import center_crop, center_crop_box, random_crop_box
+from data_shards.augment import random_crop_box
+from data_shards.collate import Collate
+from data_shards.frames import ClipCropper, segment_frame_indices, uniform_frame_indices
 from data_shards.sources import DEFAULT_SOURCE, ShardSource, check_sources, resolve_sources
 from data_shards.text import load_tokenizer
-from data_shards.video import (
-    VideoError,
-    crop_resize_planar,
-    decode_clip,
-    decode_frames,
-    upright_rgb,
-)
+from data_shards.video import VideoError, decode_clip, decode_frames
 
 logger = logging.getLogger(__name__)
 
@@ -201,44 +196,6 @@ def pick_text(caption: str, meta: dict[str, Any], fields: tuple[str, ...], rng) 
         if value:
             texts.append(str(value))
     return texts[rng.randrange(len(texts))] if texts else caption
-
-
-# ---------------------------------------------------------------------------------------------
-# Frame sampling and cropping (torch, uint8 throughout)
-
-
-def uniform_frame_indices(available: int, num_frames: int) -> np.ndarray:
-    """The centre frame of each of ``num_frames`` equal segments; repeats when too few."""
-    return ((np.arange(num_frames) + 0.5) * available / num_frames).astype(np.int64)
-
-
-def segment_frame_indices(available: int, num_frames: int, rng: random.Random) -> np.ndarray:
-    """One random frame from each of ``num_frames`` equal segments (TSN sampling).
-
-    With fewer frames than segments the segments are shorter than a frame and indices repeat.
-    """
-    offsets = np.array([rng.random() for _ in range(num_frames)])
-    indices = ((np.arange(num_frames) + offsets) * available / num_frames).astype(np.int64)
-    return np.minimum(indices, available - 1)
-
-
-class ClipCropper:
-    """Frame → (C, size, size) uint8 for one clip: the centre square of every frame, resized.
-
-    Frames go straight from the decoder through one swscale call (resize + planar RGB);
-    frames with a display rotation (rare: the shard builder writes upright clips) take the
-    slower upright-RGB path. Training crops are cut elsewhere (``data_shards.augment``).
-    """
-
-    def __init__(self, size: int):
-        self.size = size
-
-    def __call__(self, frame) -> np.ndarray:
-        if frame.rotation:
-            rgb = torch.from_numpy(upright_rgb(frame)).permute(2, 0, 1)  # (C, H, W)
-            return center_crop(rgb[None], self.size)[0].numpy()
-        box = center_crop_box(frame.height, frame.width)
-        return crop_resize_planar(frame, box, self.size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,71 +432,6 @@ class _ClipDecoder:
         return [*box, int(rng.random() < config.flip_prob)]
 
 
-def _sum_skipped(tallies: Sequence[tuple[list[int], int]]) -> list[int]:
-    return [sum(column) for column in zip(*(skipped for skipped, _ in tallies), strict=True)]
-
-
-def _stack_frames(samples: list[dict[str, Any]]) -> torch.Tensor:
-    """Train samples' frames → (B, T, C, H, W) uint8, channels last in memory (as decoded).
-
-    One copy, by ``default_collate``, which stacks into shared memory inside a worker: no
-    extra copy to hand the batch to the main process. Clips of different sizes are
-    zero-padded at the bottom and right to the largest; their crop boxes stay inside them.
-    """
-    height = max(sample["frames"][0].shape[0] for sample in samples)
-    width = max(sample["frames"][0].shape[1] for sample in samples)
-    frames = []
-    for sample in samples:
-        for frame in sample["frames"]:
-            if frame.shape[:2] != (height, width):
-                padding = ((0, height - frame.shape[0]), (0, width - frame.shape[1]), (0, 0))
-                frame = np.pad(frame, padding)
-            frames.append(torch.from_numpy(frame))
-    stacked = default_collate(frames)  # (B·T, H, W, C)
-    return stacked.view(len(samples), -1, height, width, 3).permute(0, 1, 4, 2, 3)
-
-
-class _Collate:
-    """Samples → one batch; captions are tokenized here, all at once, not per sample."""
-
-    def __init__(self, tokenizer, max_length: int):
-        self.tokenizer, self.max_length = tokenizer, max_length
-
-    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        texts = [sample["text"] for sample in samples]
-        tokens = self.tokenizer(
-            texts,
-            padding="max_length",
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-        )
-        positions = [sample["__position__"] for sample in samples]
-        tallies = [sample["__tally__"] for sample in samples]
-        batch = {
-            "input_ids": tokens["input_ids"].long(),  # (B, L)
-            "attention_mask": tokens["attention_mask"].long(),  # (B, L)
-            "text": texts,
-            "key": [sample["key"] for sample in samples],
-            "item_id": [sample["item_id"] for sample in samples],
-            "meta": [sample["meta"] for sample in samples],
-            "_reader": {
-                "slot": samples[0]["__slot__"],
-                "end_position": None if positions[0] is None else max(positions) + 1,
-                "sources": [sample["__source__"] for sample in samples],
-                "skipped": _sum_skipped(tallies),
-                "shard_errors": sum(shard_errors for _, shard_errors in tallies),
-            },
-        }
-        if "frames" in samples[0]:
-            batch["video"] = _stack_frames(samples)  # (B, T, C, H, W), shards' resolution
-            batch["crops"] = torch.tensor([sample["crops"] for sample in samples])  # (B, k, 5)
-        else:
-            # stacked into shared memory inside a worker, as above
-            batch["video"] = default_collate([sample["video"] for sample in samples])
-        return batch
-
-
 def _report_leftovers(batches: Iterator[dict], decoder: _ClipDecoder, tally: _Tally):
     """Pass batches on, then report failures met after the last batch in a video-less batch."""
     yield from batches
@@ -584,7 +476,7 @@ def build_pipeline(
     tally = _Tally(STALL_LIMIT if train else None, len(source_shards))
     handler = _ShardErrorHandler(tally)
     decoder = _ClipDecoder(config, seed, slots, tally)
-    collate = _Collate(tokenizer, config.max_text_length)
+    collate = Collate(tokenizer, config.max_text_length)
     if train:
         weights = [source.weight for source in config.sources()]
         stages = [

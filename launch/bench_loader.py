@@ -67,7 +67,8 @@ import torch
 
 from data_shards.augment import expand_crops, random_resized_crop
 from data_shards.build import BuildConfig, build_shards
-from data_shards.reader import ReaderConfig, build_loader, uniform_frame_indices
+from data_shards.frames import uniform_frame_indices
+from data_shards.reader import ReaderConfig, build_loader
 from data_shards.shard_set import iter_samples, list_shards
 from data_shards.text import load_tokenizer
 from data_shards.video import decode_clip, write_video

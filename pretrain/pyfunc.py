@@ -37,7 +37,7 @@ def load_clip(path: str | Path, num_frames: int, size: int) -> torch.Tensor:
 
     Uses the reader's own cropper so that serving and ``vidrec embed`` cannot drift apart.
     """
-    from data_shards.reader import ClipCropper, uniform_frame_indices
+    from data_shards.frames import ClipCropper, uniform_frame_indices
     from data_shards.video import decode_clip
 
     select = functools.partial(uniform_frame_indices, num_frames=num_frames)

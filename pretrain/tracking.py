@@ -21,6 +21,11 @@ resumes) the run, then every ``flush_interval_s`` sends the buffered records, me
   its own records.
 - ``finish()`` waits at most ``finish_timeout_s`` for the buffers to drain and the run status
   to be set, then gives up with a warning naming what was not delivered.
+- a continued run (``resume_run_id``) never gets a second point at a step it holds: a job
+  killed after its checkpoint had logged steps past it, which the resumed job computes again.
+
+This module is the run's API; the thread and its outage handling are
+``pretrain.tracking_sender``.
 
 MLflow's own HTTP retries (7, exponential backoff: minutes per request) and its 120 s request
 timeout would hold the thread on one request for that long; for http(s) tracking URIs the
@@ -37,7 +42,6 @@ unbounded and a batch that fails is logged and lost, not kept for when the serve
 from __future__ import annotations
 
 import atexit
-import collections
 import hashlib
 import importlib.metadata
 import io
@@ -46,15 +50,22 @@ import logging
 import math
 import os
 import subprocess
-import threading
 import time
 from array import array
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
 
 from data_shards.atomic import atomic_write_bytes
+from pretrain.tracking_sender import (
+    MAX_METRICS_PER_BATCH,
+    Outbox,
+    Sender,
+    http_env_acquire,
+    http_env_release,
+    output_dir,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -64,11 +75,9 @@ MAX_PARAM_VAL_LENGTH = 6000
 MAX_TAG_VAL_LENGTH = 8000
 MAX_ENTITY_KEY_LENGTH = 250
 MAX_PARAMS_TAGS_PER_BATCH = 100
-MAX_METRICS_PER_BATCH = 1000
 
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 DROPPED_TAG = "vidrec.tracking.dropped_metric_points"
-RESUMED_FROM_TAG = "vidrec.tracking.resumed_from"
 _TRUNCATION_MARK = "...[truncated]"
 _PLOT_POINTS = 10_000
 """Points per curve in the loss-curve PNG; longer histories are strided so rendering stays
@@ -127,7 +136,7 @@ def resolve_tracking_uri(settings: TrackingSettings) -> str:
         return settings.tracking_uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{_output_dir(settings).as_posix()}/mlflow.db"
+    return f"sqlite:///{output_dir(settings).as_posix()}/mlflow.db"
 
 
 def flatten_params(params: Mapping[str, Any], sep: str = ".") -> dict[str, str]:
@@ -184,40 +193,27 @@ class Tracker:
         self.settings = settings
         self.enabled = enabled
         self.tracking_uri: str | None = None
-        self._run_id: str | None = None
-        self._accepting = False
-        self._lock = threading.Lock()
-        self._metrics: collections.deque[tuple[str, float, int, int]] = collections.deque()
-        self._records: collections.deque[tuple[str, Any]] = collections.deque()
-        self._in_flight = 0
+        self._outbox = Outbox(settings.max_queue)
+        self._sender: Sender | None = None
+        self._open = False
         self._history: dict[str, tuple[array, array]] = {}
-        self._dropped = 0
-        self._warned_full = False
         self._warned_values: set[str] = set()
-        self._rejected_keys: set[str] = set()
-        self._wake = threading.Event()
-        self._first_attempt = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._client = None
-        self._run_ready = False
-        self._final_status: str | None = None
-        self._terminated = False
-        self._abandoned = False
-        self._outage_since: float | None = None
         self._http_env_held = False
         self._pid = os.getpid()
 
     @property
     def run_id(self) -> str | None:
         """The MLflow run id; None until the run exists (or when disabled)."""
-        return self._run_id
+        return self._sender.run_id if self._sender else None
 
     @property
     def dropped_metric_points(self) -> int:
         """Metric points dropped because the buffer was full during an outage."""
-        return self._dropped
+        return self._outbox.dropped
 
-    # --------------------------------------------------------------------- training side
+    @property
+    def _accepting(self) -> bool:
+        return self._open and not self._sender.refused
 
     def start(
         self,
@@ -229,7 +225,7 @@ class Tracker:
         log ``params`` and ``tags``. Never raises because MLflow is unreachable."""
         if not self.enabled:
             return
-        if self._thread is not None:
+        if self._sender is not None:
             raise RuntimeError("Tracker.start() was already called")
         # Imported here, on the caller's thread, so that the background thread never imports
         # a module concurrently with the training thread.
@@ -237,21 +233,19 @@ class Tracker:
 
         self.tracking_uri = resolve_tracking_uri(self.settings)
         if self.tracking_uri.startswith(("http://", "https://")):
-            _http_env_acquire(self.settings.request_timeout_s)
+            http_env_acquire(self.settings.request_timeout_s)
             self._http_env_held = True
-        self._run_id = resume_run_id
-        self._accepting = True
+        self._sender = Sender(self.settings, self.tracking_uri, self._outbox, resume_run_id)
+        self._open = True
         self.log_params(params or {})
         tags = [
             (_fit_key(str(k)), _fit_value(str(v), MAX_TAG_VAL_LENGTH))
             for k, v in (tags or {}).items()
         ]
-        with self._lock:
-            self._records.extend(("tags", c) for c in _chunks(tags, MAX_PARAMS_TAGS_PER_BATCH))
-        self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
-        self._thread.start()
+        self._buffer(("tags", c) for c in _chunks(tags, MAX_PARAMS_TAGS_PER_BATCH))
+        self._sender.start()
         atexit.register(self._finish_at_exit)
-        self._first_attempt.wait(self.settings.start_timeout_s)
+        self._sender.first_attempt.wait(self.settings.start_timeout_s)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Buffer one point per metric at ``step``. Pass Python numbers: ``float()`` of a
@@ -268,18 +262,19 @@ class Tracker:
                 if key not in self._warned_values:
                     self._warned_values.add(key)
                     logger.warning("metric %r: %r is not a number; not logged", key, value)
-        with self._lock:
+        outbox = self._outbox
+        with outbox.lock:
             for key, value, _, _ in points:
                 steps, values = self._history.setdefault(key, (array("q"), array("d")))
                 steps.append(step)
                 values.append(value)
-            self._metrics.extend(points)
-            newly_full = self._trim()
-            wake = len(self._metrics) >= MAX_METRICS_PER_BATCH and self._outage_since is None
+            outbox.metrics.extend(points)
+            newly_full = outbox.trim()
+            wake = len(outbox.metrics) >= MAX_METRICS_PER_BATCH
         if newly_full:
-            self._warn_full()
-        if wake:
-            self._wake.set()
+            self._sender.warn_full()
+        if wake and self._sender.outage_since is None:
+            self._sender.wake.set()
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Buffer params (values cut to MLflow's limit; see ``flatten_params`` for nesting)."""
@@ -288,8 +283,7 @@ class Tracker:
         items = [
             (_fit_key(str(k)), _fit_value(str(v), MAX_PARAM_VAL_LENGTH)) for k, v in params.items()
         ]
-        with self._lock:
-            self._records.extend(("params", c) for c in _chunks(items, MAX_PARAMS_TAGS_PER_BATCH))
+        self._buffer(("params", c) for c in _chunks(items, MAX_PARAMS_TAGS_PER_BATCH))
 
     def log_dict(self, obj: Any, artifact_file: str) -> None:
         """Log ``obj`` as a JSON (or, for ``.yaml``/``.yml`` names, YAML) artifact. It is
@@ -305,8 +299,7 @@ class Tracker:
         except (TypeError, ValueError) as err:
             logger.warning("log_dict(%s): cannot serialize (%s); not logged", artifact_file, err)
             return
-        with self._lock:
-            self._records.append(("text", (text, artifact_file)))
+        self._buffer([("text", (text, artifact_file))])
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         """Upload a file (under ``artifact_path`` in the run). It is read when it is sent, so
@@ -317,8 +310,7 @@ class Tracker:
         if not path.is_file():
             logger.warning("log_artifact: %s is not a file; not logged", path)
             return
-        with self._lock:
-            self._records.append(("artifact", (str(path), artifact_path)))
+        self._buffer([("artifact", (str(path), artifact_path))])
 
     def log_loss_curve(
         self, keys: Iterable[str] = ("loss",), filename: str = "loss_curve.png"
@@ -326,10 +318,10 @@ class Tracker:
         """Plot the logged history of ``keys`` (one panel each, log y when all values are
         positive) into ``output_dir/filename`` and log it as an artifact. Returns the path,
         or None when none of the keys has been logged."""
-        if not self.enabled or self._thread is None:
+        if not self.enabled or self._sender is None:
             return None
         keys = list(keys)
-        with self._lock:
+        with self._outbox.lock:
             series = {
                 key: (list(self._history[key][0]), list(self._history[key][1]))
                 for key in keys
@@ -338,7 +330,7 @@ class Tracker:
         if not series:
             logger.info("loss curve: none of %s was logged; no plot", list(keys))
             return None
-        path = _output_dir(self.settings) / filename
+        path = output_dir(self.settings) / filename
         try:
             atomic_write_bytes(path, _render_curves(series))
         except Exception:
@@ -346,24 +338,24 @@ class Tracker:
             logger.warning("loss curve: could not write %s", path, exc_info=True)
             return None
         if self._accepting:
-            with self._lock:
-                self._records.append(("artifact", (str(path.absolute()), None)))
+            self._buffer([("artifact", (str(path.absolute()), None))])
         return path
 
     def flush(self, timeout: float | None = None, *, stop_on_outage: bool = False) -> bool:
         """Wake the sender and wait until everything buffered is delivered (at most
         ``timeout`` s, default ``finish_timeout_s``). True if it was. ``stop_on_outage``:
         give up at once while the server is known to be unreachable."""
-        if not self.enabled or self._thread is None:
+        sender = self._sender
+        if not self.enabled or sender is None:
             return True
         deadline = time.monotonic() + (
             self.settings.finish_timeout_s if timeout is None else timeout
         )
-        self._wake.set()
-        while self._pending() or not self._run_ready:
-            if time.monotonic() >= deadline or not self._thread.is_alive():
+        sender.wake.set()
+        while self._outbox.pending() or not sender.run_ready:
+            if time.monotonic() >= deadline or not sender.is_alive():
                 return False
-            if stop_on_outage and self._outage_since is not None:
+            if stop_on_outage and sender.outage_since is not None:
                 return False
             time.sleep(0.02)
         return True
@@ -382,7 +374,7 @@ class Tracker:
                 "records still buffered); they stay buffered and are sent later",
                 tag,
                 self.tracking_uri,
-                self._pending(),
+                self._outbox.pending(),
             )
         return False
 
@@ -392,26 +384,24 @@ class Tracker:
         delivered (metric points, other records, and the status update itself)."""
         if status not in RUN_STATUSES:
             raise ValueError(f"status must be one of {RUN_STATUSES}, got {status!r}")
-        if not self.enabled or self._thread is None or self._final_status is not None:
+        sender, outbox = self._sender, self._outbox
+        if not self.enabled or sender is None or sender.final_status is not None:
             return 0
         atexit.unregister(self._finish_at_exit)
         timeout = self.settings.finish_timeout_s if timeout is None else timeout
         started = time.monotonic()
-        self._accepting = False
-        with self._lock:
-            if self._dropped:
-                self._records.append(("tags", [(DROPPED_TAG, str(self._dropped))]))
-            self._final_status = status
-        self._wake.set()
-        self._thread.join(timeout)
-        self._abandoned = self._thread.is_alive()
-        with self._lock:
-            metric_points = len(self._metrics) + self._in_flight
-            records = len(self._records)
-        undelivered = metric_points + records + (0 if self._terminated else 1)
+        self._open = False
+        with outbox.lock:
+            if outbox.dropped:
+                outbox.records.append(("tags", [(DROPPED_TAG, str(outbox.dropped))]))
+        sender.stop(status, timeout)
+        with outbox.lock:
+            metric_points = len(outbox.metrics) + outbox.in_flight
+            records = len(outbox.records)
+        undelivered = metric_points + records + (0 if sender.terminated else 1)
         if self._http_env_held:
             self._http_env_held = False
-            _http_env_release()
+            http_env_release()
         if undelivered:
             logger.warning(
                 "MLflow at %s: gave up after %.1f s with %d metric points, %d other records and "
@@ -421,308 +411,25 @@ class Tracker:
                 metric_points,
                 records,
                 status,
-                "set" if self._terminated else "not set",
+                "set" if sender.terminated else "not set",
             )
-        if self._dropped:
-            logger.warning("MLflow: %d metric points were dropped during outages", self._dropped)
+        if outbox.dropped:
+            logger.warning("MLflow: %d metric points were dropped during outages", outbox.dropped)
         return undelivered
+
+    def _buffer(self, records: Iterable[tuple[str, Any]]) -> None:
+        with self._outbox.lock:
+            self._outbox.records.extend(records)
 
     def _finish_at_exit(self) -> None:
         # A training script that dies with an exception never reaches finish(); mark the run
         # FAILED and deliver what is buffered. A forked child inherits this hook: not its run.
-        if os.getpid() == self._pid and self._final_status is None:
+        if os.getpid() == self._pid and self._sender.final_status is None:
             logger.warning("Tracker.finish() was not called; marking MLflow run as FAILED")
             self.finish("FAILED", timeout=min(self.settings.finish_timeout_s, 10.0))
 
-    def _pending(self) -> int:
-        with self._lock:
-            return len(self._metrics) + self._in_flight + len(self._records)
-
-    def _trim(self) -> bool:
-        """Drop the oldest metric points past ``max_queue`` (lock held). True the first time
-        this outage."""
-        excess = len(self._metrics) - self.settings.max_queue
-        if excess <= 0:
-            return False
-        for _ in range(excess):
-            self._metrics.popleft()
-        self._dropped += excess
-        newly_full, self._warned_full = not self._warned_full, True
-        return newly_full
-
-    def _warn_full(self) -> None:
-        logger.warning(
-            "MLflow buffer full (%d metric points): dropping the oldest until %s answers",
-            self.settings.max_queue,
-            self.tracking_uri,
-        )
-
-    # --------------------------------------------------------------------- sender thread
-
-    def _work(self) -> None:
-        backoff = self.settings.retry_initial_s
-        try:
-            while not self._abandoned:
-                # Cleared before looking for work, so a wake-up sent meanwhile is not lost.
-                self._wake.clear()
-                # Read before delivering: finish() sets the status after the last record was
-                # buffered, so a drain that starts after this read sends everything.
-                stopping = self._final_status is not None
-                try:
-                    if not self._deliver() or self._abandoned:
-                        return
-                    self._note_recovered()
-                    if stopping:
-                        self._terminated = self._send_or_drop("run status", self._set_status)
-                        return
-                except Exception as err:
-                    self._first_attempt.set()
-                    self._note_outage(err)
-                    delay = backoff
-                    if self._final_status is not None:
-                        # finish() is waiting: retry often until its deadline.
-                        delay = min(delay, 1.0)
-                    backoff = min(backoff * 2, self.settings.retry_max_s)
-                    self._wake.wait(delay)
-                    continue
-                backoff = self.settings.retry_initial_s
-                self._wake.wait(self.settings.flush_interval_s)
-        except BaseException:
-            logger.exception("MLflow tracker thread stopped by an unexpected error")
-        finally:
-            self._first_attempt.set()
-
-    def _deliver(self) -> bool:
-        """Send everything buffered. Raises on a transient failure; False when tracking gave
-        up for good (the run cannot be created)."""
-        if not self._run_ready:
-            try:
-                self._ensure_run()
-            except Exception as err:
-                if not _is_rejection(err):
-                    raise
-                logger.error(
-                    "MLflow at %s refused to create the run (%s); tracking is off for this "
-                    "job, training goes on",
-                    self.tracking_uri,
-                    _short(err),
-                )
-                self._accepting = False
-                with self._lock:
-                    self._metrics.clear()
-                    self._records.clear()
-                return False
-            finally:
-                self._first_attempt.set()
-        while not self._abandoned:
-            with self._lock:
-                if not self._records:
-                    break
-                kind, payload = self._records[0]
-            self._send_record(kind, payload)
-            with self._lock:
-                self._records.popleft()
-        while not self._abandoned:
-            with self._lock:
-                batch = []
-                while self._metrics and len(batch) < MAX_METRICS_PER_BATCH:
-                    point = self._metrics.popleft()
-                    if point[0] not in self._rejected_keys:
-                        batch.append(point)
-                self._in_flight = len(batch)
-            if not batch:
-                break
-            try:
-                self._send_metrics(batch)
-            except BaseException:
-                with self._lock:
-                    self._metrics.extendleft(reversed(batch))
-                    newly_full = self._trim()
-                if newly_full:
-                    self._warn_full()
-                raise
-            finally:
-                self._in_flight = 0
-        return True
-
-    def _set_status(self) -> None:
-        self._client.set_terminated(self._run_id, self._final_status)
-
-    def _ensure_run(self) -> None:
-        from mlflow import MlflowClient
-
-        if self._client is None:
-            if not self.settings.tracking_uri and self.tracking_uri.startswith("sqlite:"):
-                _output_dir(self.settings).mkdir(parents=True, exist_ok=True)
-            self._client = MlflowClient(tracking_uri=self.tracking_uri)
-        client = self._client
-        tags = {}
-        if self._run_id is not None:
-            try:
-                client.update_run(self._run_id, status="RUNNING")
-                self._run_ready = True
-                logger.info("MLflow: continuing run %s at %s", self._run_id, self.tracking_uri)
-                return
-            except Exception as err:
-                if not _is_rejection(err):
-                    raise
-                logger.warning(
-                    "MLflow: cannot continue run %s (%s); starting a new run",
-                    self._run_id,
-                    _short(err),
-                )
-                tags[RESUMED_FROM_TAG] = self._run_id
-        run = client.create_run(
-            self._experiment_id(), run_name=self.settings.run_name, tags=tags or None
-        )
-        self._run_id = run.info.run_id
-        self._run_ready = True
-        logger.info(
-            "MLflow: run %s (%s) in experiment %r at %s",
-            run.info.run_id,
-            run.info.run_name,
-            self.settings.experiment,
-            self.tracking_uri,
-        )
-
-    def _experiment_id(self) -> str:
-        from mlflow.exceptions import MlflowException
-
-        client, name = self._client, self.settings.experiment
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            location = None
-            if not self.settings.tracking_uri and self.tracking_uri.startswith("sqlite:"):
-                # MLflow's default would be ./mlruns in whatever directory the job starts in.
-                location = (_output_dir(self.settings) / "mlartifacts").absolute().as_uri()
-            try:
-                return client.create_experiment(name, artifact_location=location)
-            except MlflowException as err:
-                # Another job created it in between.
-                if err.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-                experiment = client.get_experiment_by_name(name)
-        if experiment.lifecycle_stage == "deleted":
-            logger.warning("MLflow: experiment %r was deleted; restoring it", name)
-            client.restore_experiment(experiment.experiment_id)
-        return experiment.experiment_id
-
-    def _send_record(self, kind: str, payload: Any) -> None:
-        from mlflow.entities import Param, RunTag
-
-        client, run_id = self._client, self._run_id
-        if kind == "params":
-            self._send_entities("param", [Param(k, v) for k, v in payload], "params")
-        elif kind == "tags":
-            self._send_entities("tag", [RunTag(k, v) for k, v in payload], "tags")
-        elif kind == "text":
-            text, artifact_file = payload
-            self._send_or_drop(
-                f"artifact {artifact_file}", lambda: client.log_text(run_id, text, artifact_file)
-            )
-        elif kind == "artifact":
-            path, artifact_path = payload
-            self._send_or_drop(
-                f"artifact {path}", lambda: client.log_artifact(run_id, path, artifact_path)
-            )
-
-    def _send_metrics(self, batch: list[tuple[str, float, int, int]]) -> None:
-        from mlflow.entities import Metric
-
-        metrics = [Metric(key, value, timestamp, step) for key, value, timestamp, step in batch]
-        self._send_entities("metric", metrics, "metrics")
-
-    def _send_entities(self, what: str, entities: list, field: str) -> None:
-        """``log_batch`` of params, tags or metrics. A rejected batch is resent per key so
-        that one bad name or changed param costs only its own records. Resending points that
-        did arrive is harmless: MLflow stores an identical metric point once."""
-        client, run_id = self._client, self._run_id
-        try:
-            client.log_batch(run_id, **{field: entities})
-            return
-        except Exception as err:
-            if not _is_rejection(err):
-                raise
-        by_key: dict[str, list] = {}
-        for entity in entities:
-            by_key.setdefault(entity.key, []).append(entity)
-        for key, group in by_key.items():
-            sent = self._send_or_drop(
-                f"{what} {key!r}", lambda group=group: client.log_batch(run_id, **{field: group})
-            )
-            if not sent and what == "metric":
-                # Later points of this name would be rejected too: skip them from now on.
-                self._rejected_keys.add(key)
-
-    def _send_or_drop(self, what: str, send: Callable[[], Any]) -> bool:
-        """Run ``send``; if MLflow rejects it, warn and drop it (False). Transient errors
-        propagate, so the record stays buffered."""
-        try:
-            send()
-            return True
-        except Exception as err:
-            if not _is_rejection(err):
-                raise
-            logger.warning("MLflow rejected %s (%s); dropped", what, _short(err))
-            return False
-
-    def _note_outage(self, err: Exception) -> None:
-        if self._outage_since is not None:
-            logger.debug("MLflow still unreachable: %s", _short(err))
-            return
-        self._outage_since = time.monotonic()
-        logger.warning(
-            "MLflow at %s is unreachable (%s); training goes on, records are kept (up to %d "
-            "metric points) and retried in the background",
-            self.tracking_uri,
-            _short(err),
-            self.settings.max_queue,
-        )
-
-    def _note_recovered(self) -> None:
-        if self._outage_since is None:
-            return
-        logger.warning(
-            "MLflow at %s answers again after %.0f s; buffered records delivered "
-            "(%d metric points dropped so far)",
-            self.tracking_uri,
-            time.monotonic() - self._outage_since,
-            self._dropped,
-        )
-        self._outage_since = None
-        self._warned_full = False
-
 
 # ------------------------------------------------------------------------- helpers
-
-
-def _is_rejection(err: BaseException) -> bool:
-    """True when retrying cannot help: MLflow answered that the request is invalid or names
-    something that does not exist (HTTP 400/404), or a local file is missing. Everything else
-    (connection refused, timeouts, 5xx, 429, auth that may come back) counts as an outage."""
-    from mlflow.exceptions import MlflowException
-    from requests import HTTPError
-
-    if isinstance(err, MlflowException):
-        return err.get_http_status_code() in (400, 404)
-    if isinstance(err, HTTPError) and err.response is not None:
-        status = err.response.status_code
-        return 400 <= status < 500 and status not in (401, 403, 408, 429)
-    return isinstance(err, (FileNotFoundError, IsADirectoryError, NotADirectoryError))
-
-
-def _short(err: BaseException, limit: int = 300) -> str:
-    """One-line error text. MLflow's connection errors run to ~1000 characters with the
-    endpoint at the start and the cause ("Connection refused") at the end: keep both."""
-    text = " ".join(f"{type(err).__name__}: {err}".split())
-    if len(text) <= limit:
-        return text
-    half = (limit - 5) // 2
-    return f"{text[:half]} ... {text[-half:]}"
-
-
-def _output_dir(settings: TrackingSettings) -> Path:
-    return Path(settings.output_dir or ".").absolute()
 
 
 def _chunks(items: list, size: int) -> list[list]:
@@ -790,41 +497,3 @@ def _render_curves(series: Mapping[str, tuple[list[int], list[float]]]) -> bytes
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
     return buffer.getvalue()
-
-
-# MLflow reads its HTTP settings from os.environ on every request. Trackers that run at the
-# same time share one override; the last one to finish removes what the first one set.
-_http_env_lock = threading.Lock()
-_http_env_users = 0
-_http_env_set: list[str] = []
-
-
-def _http_env_acquire(request_timeout_s: int) -> None:
-    global _http_env_users
-    from mlflow.environment_variables import (
-        MLFLOW_HTTP_REQUEST_MAX_RETRIES,
-        MLFLOW_HTTP_REQUEST_TIMEOUT,
-    )
-
-    with _http_env_lock:
-        if _http_env_users == 0:
-            # Zero retries: the tracker retries itself, with backoff, without blocking anyone;
-            # MLflow's backoff factor and jitter only matter between its own retries.
-            for variable, value in (
-                (MLFLOW_HTTP_REQUEST_MAX_RETRIES, 0),
-                (MLFLOW_HTTP_REQUEST_TIMEOUT, request_timeout_s),
-            ):
-                if not variable.defined:
-                    variable.set(value)
-                    _http_env_set.append(variable.name)
-        _http_env_users += 1
-
-
-def _http_env_release() -> None:
-    global _http_env_users
-    with _http_env_lock:
-        _http_env_users -= 1
-        if _http_env_users == 0:
-            for name in _http_env_set:
-                os.environ.pop(name, None)
-            _http_env_set.clear()

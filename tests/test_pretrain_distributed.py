@@ -260,15 +260,15 @@ def test_resume_after_a_clean_stop_and_after_sigkill(
 
     1. ``train.steps=2``: stops cleanly with a checkpoint at step 2 (N);
     2. the 8-step command (a compatible change): resumes at step 3, is SIGKILLed, launcher
-       and ranks at once, right after its first new checkpoint;
+       and ranks at once, once the server holds a step past its newest checkpoint;
     3. the same command again: resumes from ``latest`` and finishes.
 
     Exact resume: weights, Adam state, schedule, RNG and the reader position all carry over,
     so after each resume both ranks consume the batches the straight run consumed, and every
     loss is the reference's bit for bit (fp32 on CPU: the same arithmetic in the same order).
-    The MLflow run, on a real MLflow server (default 5 s flush interval), holds one loss
-    history, steps 1 to 8, each the straight run's value: the steps the killed job checkpointed
-    reached the server before its checkpoint became ``latest``.
+    The MLflow run, on a real MLflow server, holds one point per step, steps 1 to 8, each the
+    straight run's value: the steps the killed job checkpointed reached the server before its
+    checkpoint became ``latest``, and those it logged past it are not logged again.
     """
     output = tmp_path / "run"
     checkpoints = output / "checkpoints"
@@ -276,13 +276,24 @@ def test_resume_after_a_clean_stop_and_after_sigkill(
     server = MlflowServer(tmp_path / "server")
     server.start()
     request.addfinalizer(server.stop)
-    overrides = ("train.save_every=2", "train.keep_last=2", f"tracking.tracking_uri={server.uri}")
+    # points reach the server a fraction of a step after they are logged, so that the killed
+    # job has logged steps past its checkpoint
+    overrides = ("train.save_every=2", "train.keep_last=2", f"tracking.tracking_uri={server.uri}",
+                 "tracking.flush_interval_s=0.1")  # fmt: skip
 
     first = launch(synthetic_shards, output, *overrides, "train.steps=2")
     # up to the stop it is the reference, bit for bit (seeded, deterministic, the same warmup)
     assert_same_training(first, reference, steps=[1, 2])
     assert (checkpoints / "latest").read_text() == "step_00000002"
     assert _trainer_state(output, "step_00000002", 0)["reader"]["delivered"] == {"default": 8}
+
+    client = MlflowClient(tracking_uri=server.uri)
+    run_id = first.summary["mlflow_run_id"]
+
+    def tracked_past_checkpoint() -> bool:
+        latest = int((checkpoints / "latest").read_text().removeprefix("step_"))
+        steps = [m.step for m in client.get_metric_history(run_id, "loss")]
+        return latest > 2 and max(steps) > latest
 
     port = _free_port()
     job = _launch_in_background(
@@ -293,9 +304,9 @@ def test_resume_after_a_clean_stop_and_after_sigkill(
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and job.poll() is None:
-            if (checkpoints / "latest").read_text() != "step_00000002":
+            if tracked_past_checkpoint():
                 break
-            time.sleep(0.005)
+            time.sleep(0.02)
         alive = job.poll() is None
     finally:
         _kill_job(job)
@@ -306,6 +317,8 @@ def test_resume_after_a_clean_stop_and_after_sigkill(
     assert "resumed from step_00000002 (step 2)" in killed_log
     killed_at = int((checkpoints / "latest").read_text().removeprefix("step_"))
     assert 2 < killed_at < STEPS
+    tracked_by_killed_job = max(m.step for m in client.get_metric_history(run_id, "loss"))
+    assert tracked_by_killed_job > killed_at  # steps its resume computes again
 
     last = launch(synthetic_shards, output, *overrides)
     assert [e["step"] for e in last.history] == list(range(killed_at + 1, STEPS + 1))
@@ -354,14 +367,14 @@ def test_resume_after_a_clean_stop_and_after_sigkill(
 
     # three jobs, one MLflow run: each resume continued it, and the steps the killed job
     # checkpointed reached the server before its checkpoint became `latest`
-    client = MlflowClient(tracking_uri=server.uri)
     (run,) = client.search_runs([client.get_experiment_by_name("vidrec-pretrain").experiment_id])
     assert run.info.status == "FINISHED"
     # a checkpoint is written only once MLflow has every step up to it, and steps the killed
-    # job logged past it are logged again with the same values: one continuous history
-    logged = client.get_metric_history(run.info.run_id, "loss")
-    assert {m.step for m in logged} == set(range(1, STEPS + 1))
-    for metric in logged:
+    # job logged past it are not logged again: one point per step, each the straight run's
+    for key in ("loss", "lr", "grad_norm", "source/default/delivered"):
+        logged = client.get_metric_history(run.info.run_id, key)
+        assert sorted(m.step for m in logged) == list(range(1, STEPS + 1)), key
+    for metric in client.get_metric_history(run.info.run_id, "loss"):
         assert metric.value == want[metric.step]["loss"], metric.step
 
 

@@ -28,12 +28,8 @@ from shard_factory import (
 
 from data_shards import reader
 from data_shards.augment import center_crop, expand_crops, random_resized_crop, resize_square
-from data_shards.reader import (
-    ReaderConfig,
-    build_loader,
-    segment_frame_indices,
-    uniform_frame_indices,
-)
+from data_shards.frames import segment_frame_indices, uniform_frame_indices
+from data_shards.reader import ReaderConfig, build_loader
 from data_shards.sources import resolve_shards
 from data_shards.text import load_tokenizer
 

@@ -20,16 +20,21 @@ from mlflow import MlflowClient
 
 from pretrain.tracking import (
     DROPPED_TAG,
-    RESUMED_FROM_TAG,
     Tracker,
     TrackingSettings,
     environment_params,
     flatten_params,
     resolve_tracking_uri,
 )
+from pretrain.tracking_sender import RESUMED_FROM_TAG
 
-# Short waits so that outages are noticed and retried within the test's time.
-FAST = dict(flush_interval_s=0.1, retry_initial_s=0.1, retry_max_s=0.5, request_timeout_s=2)
+# Short waits so that outages are noticed and retried within the test's time; a long start
+# wait, which ends at the first answer, because creating the sqlite schema on a loaded
+# machine can take longer than the default 10 s.
+FAST = dict(
+    flush_interval_s=0.1, retry_initial_s=0.1, retry_max_s=0.5, request_timeout_s=2,
+    start_timeout_s=60,
+)  # fmt: skip
 
 
 def _free_port() -> int:
@@ -269,11 +274,16 @@ def test_sqlite_default_log_read_back_and_resume(tmp_path, monkeypatch, tracking
     resumed = Tracker(settings)
     resumed.start(params={"world_size": 2}, resume_run_id=run_id)
     assert resumed.run_id == run_id
-    resumed.log_metrics({"loss": 0.01}, step=60)
+    # steps the run holds (a killed job had logged them past its checkpoint) are not logged
+    # again, whichever metric: one point per step; a step past them is
+    resumed.log_metrics({"loss": 4.0 / 59, "lr": 3e-4}, step=58)
+    resumed.log_metrics({"loss": 0.01, "lr": 3e-4}, step=60)
     assert resumed.finish("KILLED") == 0
     assert client.get_run(run_id).info.status == "KILLED"
-    assert _history(client, run_id, "loss")[-1] == (60, 0.01)
-    assert len(_history(client, run_id, "loss")) == 31
+    loss = _history(client, run_id, "loss")
+    assert [step for step, _ in loss] == [*range(0, 60, 2), 60]
+    assert loss[-1] == (60, 0.01)
+    assert [step for step, _ in _history(client, run_id, "lr")] == [*range(0, 60, 2), 60]
 
     # A run id the store does not know (another server, a deleted run): a new run, tagged.
     unknown = Tracker(settings)
