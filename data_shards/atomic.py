@@ -12,6 +12,18 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def make_output_dir(path: str | Path) -> Path:
+    """Create the directory ``path`` (and its parents) if missing. A file where the directory
+    or one of its parents should be is refused by name, not as "FILE/sub: Not a directory"."""
+    path = Path(path)
+    for place in (path, *path.parents):
+        if place.exists() and not place.is_dir():
+            where = "" if place == path else f"{path}: "
+            raise NotADirectoryError(f"{where}{place} is a file, not a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from data_shards import video as video_io
-from data_shards.atomic import atomic_write_text
+from data_shards.atomic import atomic_write_text, make_output_dir
 from data_shards.manifest import ManifestRow, partition, read_manifest
 from data_shards.shard_set import INDEX_FILE
 
@@ -285,7 +285,7 @@ def build_shards(
     manifest, out_dir = Path(manifest), Path(out_dir)
     rows = read_manifest(manifest)  # validates everything before any work
     part_rows = partition(rows, config.part, config.num_parts)
-    (out_dir / ".build").mkdir(parents=True, exist_ok=True)
+    (make_output_dir(out_dir) / ".build").mkdir(exist_ok=True)
     _check_settings(out_dir, config, manifest)
     for stale in out_dir.glob(f"shard-{config.part:04d}-*.tar.partial"):
         stale.unlink()

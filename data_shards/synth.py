@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from data_shards.atomic import atomic_write_bytes, atomic_write_text
+from data_shards.atomic import atomic_write_bytes, atomic_write_text, make_output_dir
 from data_shards.video import write_video
 
 logger = logging.getLogger(__name__)
@@ -473,9 +473,9 @@ def synthesize(
     if num_frames < 2:
         raise ValueError(f"seconds * fps must give at least 2 frames, got {num_frames}")
 
-    out_dir = Path(out_dir)
+    out_dir = make_output_dir(out_dir)
     video_dir = out_dir / "videos"
-    video_dir.mkdir(parents=True, exist_ok=True)
+    video_dir.mkdir(exist_ok=True)
     # Independent streams: items do not change when only num_users changes, and vice versa.
     items = make_items(np.random.default_rng([seed, 0]), num_items, cold_start_fraction)
     users = make_users(np.random.default_rng([seed, 1]), num_users)

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from data_shards.atomic import atomic_write_bytes, atomic_write_text
+from data_shards.atomic import atomic_write_bytes, atomic_write_text, make_output_dir
 from data_shards.reader import ReaderConfig, build_loader
 from data_shards.shard_set import read_index
 from data_shards.sources import resolve_shards
@@ -157,7 +157,7 @@ def embed_clips(
         else load_export(export, device=device or default_device())
     )
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out)
     _check_layout(out, world_size)
     prefix = f"r{rank:05d}-of-{world_size:05d}"
     progress_path = out / PROGRESS_DIR / f"rank{rank:05d}-of-{world_size:05d}.json"

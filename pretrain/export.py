@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from data_shards.atomic import atomic_write_text, file_sha256
+from data_shards.atomic import atomic_write_text, file_sha256, make_output_dir
 from data_shards.shard_set import read_index
 from pretrain.checkpoint import ExportError, check_weights, load_weights
 from pretrain.consolidate import consolidate_checkpoint
@@ -146,7 +146,7 @@ def export_model(
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out} is not empty; export into a new directory")
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out)
     card = card or ModelCard()
 
     # The model is not touched (a caller may go on using it): the weights are copied to the CPU

@@ -130,3 +130,22 @@ def test_a_bug_keeps_its_traceback(inputs, monkeypatch):
     monkeypatch.setattr(train, "run", bug)
     with pytest.raises(KeyError):
         vidrec_cli.main(finetune_argv(inputs))
+
+
+@pytest.mark.parametrize("depth", ["the directory", "a parent"])
+@pytest.mark.parametrize("command", ["shards build", "shards synth"])
+def test_an_output_directory_that_is_a_file_is_named(command, depth, tmp_path, capsys):
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text('{"video": "clip.mp4", "caption": "a clip"}\n')
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    out = a_file if depth == "the directory" else a_file / "shards"
+    argv = {
+        "shards build": ["shards", "build", "--manifest", str(manifest), "--out", str(out)],
+        "shards synth": ["shards", "synth", "--out", str(out), "--items", "4", "--users", "2"],
+    }[command]
+    status, lines, err = run_cli(argv, capsys)
+    assert status == 2 and "Traceback" not in err, err
+    where = "" if out == a_file else f"{out}: "
+    assert lines == [f"vidrec {command}: {where}{a_file} is a file, not a directory"]
+    assert a_file.read_text() == "not a directory"
