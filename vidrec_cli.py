@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument(
         "--debug", action="store_true",
-        help=f"show the Python traceback of an input error (or set {DEBUG_VARIABLE}=1)",
+        help=f"show the Python traceback of an input error and the libraries' INFO lines "
+        f"(or set {DEBUG_VARIABLE}=1)",
     )  # fmt: skip
     # The deepspeed launcher passes --local_rank=N before the subcommand; LOCAL_RANK in the
     # environment says the same, and that is what the training stages read.
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(args.verbose)
+    configure_logging(args.verbose, args.debug or bool(os.environ.get(DEBUG_VARIABLE)))
     try:
         return int(args.run(args) or 0)
     except Exception as err:
@@ -79,18 +80,44 @@ def _command_name(args: argparse.Namespace) -> str:
     return f"[rank {rank}] {name}" if rank else name
 
 
-def configure_logging(verbose: bool) -> None:
-    """INFO from global rank 0 only; every other rank logs warnings and errors, tagged with
-    its rank (``-v``: everything, from every rank). The rank is read from the launcher's
-    environment (as ``pretrain.distributed.init_distributed`` reads it), so that lines logged
-    before the process group exists are sorted out too."""
+def configure_logging(verbose: bool, debug: bool = False) -> None:
+    """One line per event: vidrec's INFO from global rank 0 only; every other rank logs
+    warnings and errors, tagged with its rank. Libraries (MLflow, matplotlib, transformers'
+    progress bars ...) say only warnings and errors; ``--debug`` lets their INFO through,
+    ``-v`` everything, from every rank. The rank is read from the launcher's environment (as
+    ``pretrain.distributed.init_distributed`` reads it), so that lines logged before the
+    process group exists are sorted out too."""
     rank = int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
+    tag = f" [rank {rank}]" if rank else ""
     if verbose:
         level = logging.DEBUG
     else:
-        level = logging.INFO if rank == 0 else logging.WARNING
-    tag = f" [rank {rank}]" if rank else ""
+        level = logging.INFO if debug and rank == 0 else logging.WARNING
     logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s{tag} %(name)s: %(message)s")
+    if verbose:
+        return
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    if not debug:
+        quiet_libraries()
+
+
+OWN_LOGGERS = ("vidrec_cli", "data_shards", "pretrain", "finetune", "__main__")
+
+
+def quiet_libraries() -> None:
+    """Library logging below WARNING and progress bars off, in this process and those it
+    starts (a variable the user set is kept). MLflow logs through its own handler (its INFO:
+    "Creating initial MLflow database tables..."), transformers draws a "Loading weights" bar
+    per model; both read their setting when imported, so one already imported is told now."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "mlflow" in sys.modules:
+        logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"].upper())
+    if "transformers" in sys.modules and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1":
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
 
 
 if __name__ == "__main__":

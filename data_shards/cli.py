@@ -10,7 +10,6 @@ import time
 
 from data_shards.build import BuildConfig, build_shards, merge_index, parse_part
 from data_shards.inspect_shards import format_report, inspect_shards
-from data_shards.manifest import ManifestError
 from data_shards.reader import ReaderConfig, build_loader
 from data_shards.shard_set import read_index
 from data_shards.synth import synthesize
@@ -86,25 +85,21 @@ def add_parser(commands) -> None:
 
 
 def _run_build(args: argparse.Namespace) -> int:
-    try:
-        part, num_parts = parse_part(args.part)
-        config = BuildConfig(
-            clip_seconds=args.clip_seconds,
-            clips_per_video=args.clips_per_video,
-            fps=args.fps,
-            short_side=args.short_side,
-            crf=args.crf,
-            samples_per_shard=args.samples_per_shard,
-            max_shard_bytes=args.max_shard_bytes,
-            keep_audio=args.keep_audio,
-            workers=args.workers,
-            part=part,
-            num_parts=num_parts,
-        )
-        result = build_shards(args.manifest, args.out, config, progress=not args.no_progress)
-    except (ManifestError, ValueError, FileNotFoundError) as err:
-        print(f"vidrec shards build: {err}", file=sys.stderr)
-        return 2
+    part, num_parts = parse_part(args.part)
+    config = BuildConfig(
+        clip_seconds=args.clip_seconds,
+        clips_per_video=args.clips_per_video,
+        fps=args.fps,
+        short_side=args.short_side,
+        crf=args.crf,
+        samples_per_shard=args.samples_per_shard,
+        max_shard_bytes=args.max_shard_bytes,
+        keep_audio=args.keep_audio,
+        workers=args.workers,
+        part=part,
+        num_parts=num_parts,
+    )
+    result = build_shards(args.manifest, args.out, config, progress=not args.no_progress)
     print(
         f"{result.samples} samples in {result.shards} shards from {result.inputs} inputs "
         f"({result.failed} failed, {result.skipped_chunks} shards reused) → {result.index_path}"
@@ -115,27 +110,16 @@ def _run_build(args: argparse.Namespace) -> int:
 
 
 def _run_merge(args: argparse.Namespace) -> int:
-    try:
-        path = merge_index(args.out)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"vidrec shards merge-index: {err}", file=sys.stderr)
-        return 2
+    path = merge_index(args.out)
     index = read_index(path.parent)
     print(f"{index['total_samples']} samples in {index['total_shards']} shards → {path}")
     return 0
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    try:
-        report = inspect_shards(
-            args.directory,
-            decode_samples=args.decode,
-            sheet_clips=args.clips,
-            sheet_path=args.sheet,
-        )
-    except FileNotFoundError as err:
-        print(f"vidrec shards inspect: {err}", file=sys.stderr)
-        return 2
+    report = inspect_shards(
+        args.directory, decode_samples=args.decode, sheet_clips=args.clips, sheet_path=args.sheet
+    )
     print(json.dumps(dataclasses.asdict(report), indent=2) if args.json else format_report(report))
     return 1 if report.decode_failed or report.bad_metadata else 0
 

@@ -260,34 +260,15 @@ def _read_audio(source, windows):
     return per_clip
 
 
-def encode_clip(
-    frames: np.ndarray,
-    fps: float,
-    *,
-    codec: str = "libx264",
-    crf: int = 23,
-    gop: int | None = None,
-    rotation: int = 0,
-    audio: list[av.AudioFrame] | None = None,
-    container_format: str = "mp4",
-) -> bytes:
-    """Encode ``(T, H, W, 3)`` uint8 frames to an in-memory video file.
+def encode_clip(frames: np.ndarray, fps: float, **options) -> bytes:
+    """Encode ``(T, H, W, 3)`` uint8 frames to an in-memory video file: ``write_video`` into
+    a buffer, with its options (an mp4 unless ``container_format`` says otherwise).
 
     The H.264 defaults favour training-time decode speed: yuv420p, a keyframe every
     ``gop`` frames (one second by default), ``tune=fastdecode`` (no CABAC, no deblocking).
     """
     buffer = io.BytesIO()
-    write_video(
-        buffer,
-        frames,
-        fps,
-        codec=codec,
-        crf=crf,
-        gop=gop,
-        rotation=rotation,
-        audio=audio,
-        container_format=container_format,
-    )
+    write_video(buffer, frames, fps, **{"container_format": "mp4", **options})
     return buffer.getvalue()
 
 

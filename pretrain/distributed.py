@@ -10,6 +10,8 @@ Launchers and what they leave in the environment:
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import re
@@ -85,7 +87,12 @@ def init_distributed() -> World:
             MASTER_PORT=str(_free_port()),
         )
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+        # DeepSpeed print()s "deepspeed_shm_comm_op built successfully" on every rank at each
+        # start: a debug line, not one line per rank in the job's log.
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+        for line in printed.getvalue().splitlines():
+            log.debug("deepspeed: %s", line)
         _unlink_shm_buffer(dist.get_rank())
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     accelerator = get_accelerator()
