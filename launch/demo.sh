@@ -61,7 +61,8 @@ echo "[vidrec demo] 7/7 exporting, registering in MLflow, recommending from the 
 rm -rf "$OUT/export"
 vidrec export --checkpoint "$OUT/finetune" --out "$OUT/export" --register vidrec-demo \
   --tracking-uri "sqlite:///$OUT/finetune/mlflow.db" 2>&1 | grep -E "^(exported|registered)" || true
-python - "$OUT" <<'PY'
+# Outside the vidrec command nothing turns transformers' "Loading weights" bar off: say so here.
+HF_HUB_DISABLE_PROGRESS_BARS=1 python - "$OUT" <<'PY'
 # A fresh process that loads the export only: vidrec's recommender, no training stack.
 import json, sys
 from pathlib import Path

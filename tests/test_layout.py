@@ -69,3 +69,18 @@ def test_imports_only_point_up_the_layers_and_take_no_private_names(path):
         )
         private = [n for n in names if n.startswith("_") and not n.startswith("__")]
         assert not private, f"{path.name} imports private {private} from {module}"
+
+
+MAX_MODULE_LINES, MAX_CLASS_LINES = 800, 350
+
+
+@pytest.mark.parametrize("path", modules(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_modules_and_classes_stay_one_job_in_size(path):
+    """A module past 800 lines or a class past 350 has taken on a second job: split it by
+    job (as ``pretrain/tracking.py``'s run API and ``tracking_sender.py``'s thread are)."""
+    text = path.read_text()
+    assert len(text.splitlines()) <= MAX_MODULE_LINES, f"{path.name}: over {MAX_MODULE_LINES}"
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.ClassDef):
+            length = node.end_lineno - node.lineno + 1
+            assert length <= MAX_CLASS_LINES, f"{path.name}: class {node.name} has {length} lines"

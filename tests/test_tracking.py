@@ -456,8 +456,7 @@ def test_finish_gives_up_in_time(dead_uri, tmp_path, monkeypatch, tracking_logs)
     settings = TrackingSettings(
         tracking_uri=dead_uri,
         output_dir=str(tmp_path),
-        start_timeout_s=1.0,
-        **(FAST | {"request_timeout_s": 1}),
+        **(FAST | {"request_timeout_s": 1, "start_timeout_s": 1.0}),
     )
     tracker = Tracker(settings)
     started = time.perf_counter()
