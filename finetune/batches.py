@@ -85,6 +85,17 @@ def user_windows(
     )
 
 
+def target_counts(sequences: Sequences, max_history_length: int, num_items: int) -> np.ndarray:
+    """(N + 1,) how often each item is a next-item target of training, summed over the users
+    with >= 2 items: a user's targets are the last min(n - 1, L) items of its sequence, the
+    window of L + 1 items without its first (older items and single-item users never are)."""
+    lengths = sequences.lengths()
+    position = np.arange(len(sequences.items)) - np.repeat(sequences.offsets[:-1], lengths)
+    first_target = np.repeat(np.maximum(1, lengths - max_history_length), lengths)
+    targets = sequences.items[position >= first_target]
+    return np.bincount(targets, minlength=num_items + 1).astype(np.float64)
+
+
 @dataclass
 class SamplerState(TrainState):
     """The shared loop's state plus the user sampler's position."""
@@ -142,7 +153,10 @@ class NextItemBatcher:
             weights_by_row[data.row] = data.weight
             self.sequence_weights = weights_by_row[self.sequences.rows]
         self.popularity = popularity = data.popularity()  # (N + 1,) training counts
-        self.popularity_probability = torch.from_numpy(popularity / popularity.sum())
+        self.targets_per_user = torch.from_numpy(
+            target_counts(self.sequences, self.max_history_length, data.num_items)
+            / max(1, len(self.trainable_users()))
+        )  # (N + 1,): what the logQ correction's in-batch part draws, per user
         self.warm_ids = torch.nonzero(torch.from_numpy(popularity > 0)).squeeze(1)
         self.pointwise = data.pointwise("train")
 
@@ -189,8 +203,8 @@ class NextItemBatcher:
             positive_ids = targets[targets != PAD_ID]  # (R,), row-major like the loss rows
             batch.log_q = mixed_sampling_log_q(
                 torch.cat([positive_ids, negatives]),
-                self.popularity_probability,
-                batch_size=len(positive_ids),
+                self.targets_per_user,
+                batch_users=len(users),
                 num_uniform=num_negatives,
                 num_items=len(self.warm_ids),
             ).to(device)

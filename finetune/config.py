@@ -149,7 +149,8 @@ class LossSettings:
     uniform_negatives: int = 128
     """S: negatives per step drawn uniformly from the warm items, on top of in-batch ones."""
     logq: bool = True
-    """Subtract log of each candidate's expected count (popularity and uniform draws)."""
+    """Subtract log of each candidate's expected count in the step's candidate set (the in-batch
+    targets of uniformly drawn users, plus the uniform negatives): ``mixed_sampling_log_q``."""
     bce_weight: float = 0.0
     """Weight of binary cross-entropy on labelled training rows (skips = 0); 0 = off."""
     row_weights: bool = False

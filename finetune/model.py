@@ -637,20 +637,23 @@ class Recommender(nn.Module):
 
 def mixed_sampling_log_q(
     candidate_ids: torch.Tensor,  # (C,)
-    item_probability: torch.Tensor,  # (num_items + 1,) popularity, sums to 1 over real items
-    batch_size: int,
+    targets_per_user: torch.Tensor,  # (num_items + 1,) mean count among one user's targets
+    batch_users: int,
     num_uniform: int,
     num_items: int,
 ) -> torch.Tensor:
     """log of the expected count of each candidate in a mixed candidate set (C,).
 
-    In-batch candidates are the batch's positives, drawn in proportion to popularity p_j
-    (B draws); sampled negatives are uniform over ``num_items`` (S draws). An item's expected
-    count is B·p_j + S / N whichever way it arrived, which is the q of the logQ correction for
-    mixed negative sampling (Yi et al. 2019; Yang et al. 2020).
+    In-batch candidates are the next-item targets of B users drawn uniformly: item j arrives
+    B·t_j times on average, t_j its mean count among one user's targets (the windows the
+    sampler cuts, not the training counts); sampled negatives are uniform over ``num_items``
+    (S draws). An item's expected count is B·t_j + S / N whichever way it arrived: up to a
+    constant the mixture q = α·p + (1 − α) / N of the logQ correction for mixed negative
+    sampling (Yi et al. 2019; Yang et al. 2020), p the targets' distribution and α their
+    expected share of the candidates.
     """
-    probability = item_probability.to(torch.float64)[candidate_ids]
-    expected = batch_size * probability + num_uniform / num_items
+    rate = targets_per_user.to(torch.float64)[candidate_ids]
+    expected = batch_users * rate + num_uniform / num_items
     return expected.log().float()
 
 
