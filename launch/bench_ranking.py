@@ -1,6 +1,7 @@
 """Ranking quality on the demo data over several seeds: recommender variants (``VARIANTS``:
-content or hybrid item tower, joint or pooled item text; default the content and hybrid
-towers as finetune_small.yaml configures them), beside the baselines of the same runs
+content or hybrid item tower, joint or pooled item text, ID dropout, the popularity prior
+counted or predicted from content; default the content and hybrid towers as
+finetune_small.yaml configures them), beside the baselines of the same runs
 (ID-SASRec, popularity, content-kNN); test split, warm and cold-start targets, mean ± sd over
 the seeds.
 
@@ -33,6 +34,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+DROPOUT = ["model.id_embeddings=true", "model.id_dropout=0.5"]
+"""The hybrid tower with DropoutNet's share of dropped IDs (p = 0.5), not tuned."""
 VARIANTS = {
     "content": ("content", ["model.id_embeddings=false"]),
     "hybrid": ("hybrid", ["model.id_embeddings=true"]),
@@ -40,6 +43,15 @@ VARIANTS = {
     "content-pooled": ("content", ["model.id_embeddings=false", "model.item_text=pooled"]),
     "hybrid-pooled": ("hybrid", ["model.id_embeddings=true", "model.item_text=pooled"]),
     "content+pop": ("content+pop", ["model.id_embeddings=false", "model.popularity_prior=true"]),
+    "hybrid+dropout": ("hybrid", DROPOUT),
+    "content+predpop": (
+        "content+predpop",
+        ["model.id_embeddings=false", "model.popularity_prior=true", "model.predicted_prior=true"],
+    ),
+    "hybrid+dropout+predpop": (
+        "hybrid+predpop",
+        [*DROPOUT, "model.popularity_prior=true", "model.predicted_prior=true"],
+    ),
 }
 """Variant → (the model's name in metrics.json, its overrides of finetune_small.yaml)."""
 BASELINES = ("ID-SASRec", "popularity", "content-kNN")

@@ -6,16 +6,20 @@ with the prior its content predicts."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
 import pytest
 import torch
+from conftest import CONFIGS
 from safetensors.torch import load_file
-from test_finetune_train import tiny
+from test_finetune_train import data_overrides, tiny
 from test_pretrain_train import world  # noqa: F401  (the module-wide process group fixture)
 
 import vidrec_cli
+from finetune import report
+from finetune.config import load_finetune_config
 from finetune.export import HEAD, load_recommender
 from finetune.item_source import ItemSource
 from finetune.model import PAD_ID
@@ -119,3 +123,25 @@ def test_recommend_scores_a_new_item_with_the_prior_its_content_predicts(
     assert [row["user_id"] for row in rows] == [histories[i].user_id for i in top.indices]
     served = torch.tensor([row["score"] for row in rows])
     torch.testing.assert_close(served, top.values, atol=1e-5, rtol=1e-5)
+
+
+def test_every_benchmark_variant_configures_the_model_it_reads(synthetic_shards):
+    """``launch/bench_ranking.py --variants``: each variant's overrides load on the demo's
+    config and train the model whose name it reads from metrics.json."""
+    path = CONFIGS.parent / "bench_ranking.py"
+    spec = importlib.util.spec_from_file_location("bench_ranking", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    demo_inputs = ["encoder.pretrain_dir=", "encoder.random_init=true"]  # no demo pretraining
+    assert {"hybrid+dropout", "content+predpop", "hybrid+dropout+predpop"} <= set(bench.VARIANTS)
+    for variant, (name, overrides) in bench.VARIANTS.items():
+        config = load_finetune_config(
+            CONFIGS / "finetune_small.yaml",
+            [*data_overrides(synthetic_shards), *demo_inputs, *overrides],
+        )
+        model = config.model
+        assert (
+            report.model_name(model.id_embeddings, model.popularity_prior, model.predicted_prior)
+            == name
+        ), variant
+        assert model.id_dropout == (0.5 if "dropout" in variant else 0.0), variant
