@@ -17,7 +17,7 @@ import torch
 from finetune.config import LossSettings
 from finetune.interactions import InteractionData, Sequences
 from finetune.item_source import ItemSource
-from finetune.model import PAD_ID, mixed_sampling_log_q
+from finetune.model import PAD_ID, centred_log_popularity, mixed_sampling_log_q
 from finetune.objective import NextItemBatch
 from pretrain.checkpoint import TrainState
 from pretrain.distributed import World
@@ -85,6 +85,17 @@ def user_windows(
     )
 
 
+def target_counts(sequences: Sequences, max_history_length: int, num_items: int) -> np.ndarray:
+    """(N + 1,) how often each item is a next-item target of training, summed over the users
+    with >= 2 items: a user's targets are the last min(n - 1, L) items of its sequence, the
+    window of L + 1 items without its first (older items and single-item users never are)."""
+    lengths = sequences.lengths()
+    position = np.arange(len(sequences.items)) - np.repeat(sequences.offsets[:-1], lengths)
+    first_target = np.repeat(np.maximum(1, lengths - max_history_length), lengths)
+    targets = sequences.items[position >= first_target]
+    return np.bincount(targets, minlength=num_items + 1).astype(np.float64)
+
+
 @dataclass
 class SamplerState(TrainState):
     """The shared loop's state plus the user sampler's position."""
@@ -120,12 +131,16 @@ class UserSampler:
 @dataclass
 class NextItemBatcher:
     """Turns a rank's users into a ``NextItemBatch``: their windows of the training sequences,
-    the step's uniform negatives (warm items), their logQ, and the labelled rows when
-    ``loss.bce_weight`` > 0."""
+    the step's uniform negatives (warm items), their logQ, the labelled rows when
+    ``loss.bce_weight`` > 0, the ID mask of the step's items (ID dropout) and their
+    popularity prior's regression targets."""
 
     data: InteractionData
     loss: LossSettings
     max_history_length: int
+    id_dropout: float = 0.0
+    """p of ``model.id_dropout``: each item of a step keeps its ID with probability 1 - p
+    (drawn from the step's generator, so a rerun draws the same masks)."""
     times_by_row: np.ndarray = field(init=False)
     """(rows,) timestamp of each interaction row."""
 
@@ -142,8 +157,13 @@ class NextItemBatcher:
             weights_by_row[data.row] = data.weight
             self.sequence_weights = weights_by_row[self.sequences.rows]
         self.popularity = popularity = data.popularity()  # (N + 1,) training counts
-        self.popularity_probability = torch.from_numpy(popularity / popularity.sum())
+        self.targets_per_user = torch.from_numpy(
+            target_counts(self.sequences, self.max_history_length, data.num_items)
+            / max(1, len(self.trainable_users()))
+        )  # (N + 1,): what the logQ correction's in-batch part draws, per user
         self.warm_ids = torch.nonzero(torch.from_numpy(popularity > 0)).squeeze(1)
+        prior = centred_log_popularity(torch.from_numpy(popularity))
+        self.prior_targets = torch.where(torch.from_numpy(popularity > 0), prior, torch.nan)
         self.pointwise = data.pointwise("train")
 
     def trainable_users(self) -> np.ndarray:
@@ -177,20 +197,25 @@ class NextItemBatcher:
             return_inverse=True,
         )  # (K,), every item embedded once
         count = window.items.numel()
+        inputs = items.inputs(ids, device)
+        if self.id_dropout > 0 and inputs.id_mask is not None:  # never the ID-only baseline
+            kept = torch.rand(len(ids), generator=generator) >= self.id_dropout  # (K,)
+            inputs.id_mask &= kept.to(device)
         batch = NextItemBatch(
-            items=items.inputs(ids, device),
+            items=inputs,
             window_rows=inverse[:count].view(window.items.shape).to(device),
             time_gaps=window.time_gaps.to(device),
             negative_rows=inverse[count : count + num_negatives].to(device),
             weights=None if window.values is None else window.values.to(device),
+            prior_targets=self.prior_targets[ids].to(device),
         )
         if loss.logq:
             targets = window.items[:, 1:]
             positive_ids = targets[targets != PAD_ID]  # (R,), row-major like the loss rows
             batch.log_q = mixed_sampling_log_q(
                 torch.cat([positive_ids, negatives]),
-                self.popularity_probability,
-                batch_size=len(positive_ids),
+                self.targets_per_user,
+                batch_users=len(users),
                 num_uniform=num_negatives,
                 num_items=len(self.warm_ids),
             ).to(device)

@@ -132,6 +132,19 @@ class FinetuneModelSettings:
     the items with training interactions and w a learned scalar (0 at init): popularity, which
     content cannot express. Items without training interactions (cold-start, new) get 0, the
     catalogue mean. Never applied to the ID-SASRec baseline."""
+    predicted_prior: bool = False
+    """With ``popularity_prior``: the prior is predicted from the item's content embedding by a
+    small head fitted to the centred log training counts, plus a learned per-ID correction of
+    warm items that drops out with the ID (``id_dropout``); cold-start and new items get the
+    prediction instead of 0, in training, evaluation, the export and ``vidrec recommend``
+    (``finetune.popularity``)."""
+    id_dropout: float = 0.0
+    """p in [0, 1): at each training step every item of the batch loses its learned ID (the
+    hybrid tower's ID embedding and the predicted prior's correction) with probability p,
+    drawn from the run's seeded generator (DropoutNet): the model learns to score from
+    content alone as well as with the ID. Items without training interactions never have an
+    ID, in training or serving; evaluation and serving keep every warm item's. Needs
+    ``id_embeddings`` or ``predicted_prior``."""
 
     def __post_init__(self):
         if self.dim < 0 or self.user_layers < 1 or self.user_heads < 1:
@@ -142,6 +155,15 @@ class FinetuneModelSettings:
             raise ConfigError("model.time_buckets must be >= 2")
         if not 0 < self.temperature <= 1:
             raise ConfigError("model.temperature must be in (0, 1]")
+        if self.predicted_prior and not self.popularity_prior:
+            raise ConfigError("model.predicted_prior needs model.popularity_prior: true")
+        if not 0 <= self.id_dropout < 1:
+            raise ConfigError(f"model.id_dropout must be in [0, 1), got {self.id_dropout}")
+        if self.id_dropout > 0 and not (self.id_embeddings or self.predicted_prior):
+            raise ConfigError(
+                "model.id_dropout > 0 needs model.id_embeddings or model.predicted_prior (an "
+                "ID to drop)"
+            )
 
 
 @dataclass
@@ -149,7 +171,8 @@ class LossSettings:
     uniform_negatives: int = 128
     """S: negatives per step drawn uniformly from the warm items, on top of in-batch ones."""
     logq: bool = True
-    """Subtract log of each candidate's expected count (popularity and uniform draws)."""
+    """Subtract log of each candidate's expected count in the step's candidate set (the in-batch
+    targets of uniformly drawn users, plus the uniform negatives): ``mixed_sampling_log_q``."""
     bce_weight: float = 0.0
     """Weight of binary cross-entropy on labelled training rows (skips = 0); 0 = off."""
     row_weights: bool = False

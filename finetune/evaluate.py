@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from finetune import report
 from finetune.batches import Windows, user_windows
 from finetune.interactions import EvalSet, InteractionData
-from finetune.item_source import ItemSource
+from finetune.item_source import ItemSource, refresh_predicted_prior
 from finetune.metrics import auc, embedding_score_fn, evaluate_popularity, evaluate_ranking
 from finetune.model import PAD_ID, ContentEmbeddings, IDOnlyItemTower, Recommender
 from finetune.recommender import RecommenderSpec, build_model
@@ -77,6 +77,7 @@ class RankingEvaluation:
         was_training = module.training
         module.eval()
         table = items.table(module.item_tower, self.world.device)
+        refresh_predicted_prior(module, items, self.world.device)
         results = {}
         for split in splits:
             eval_set = self.data.eval_set(split)

@@ -50,7 +50,7 @@ from finetune.item_content import (
     read_content_cache,
     tokenize_catalogue,
 )
-from finetune.item_source import ItemSource
+from finetune.item_source import ItemSource, refresh_predicted_prior
 from finetune.model import PAD_ID, Recommender
 from finetune.recommender import TIED_DECODER, RecommenderSpec, build_model, load_encoder
 from pretrain.checkpoint import load_weights
@@ -162,7 +162,8 @@ class ExportedRecommender:
         self, states: torch.Tensor, item_embedding: torch.Tensor, row: int | None = None
     ) -> torch.Tensor:
         """(U, D) states × (D,) one item → (U,) logits; ``row``: the item's table row, None
-        for a new item (its popularity prior is 0, the catalogue mean)."""
+        for a new item (its popularity prior: 0, the catalogue mean, or with a predicted prior
+        the one its embedding predicts)."""
         item_ids = torch.tensor([PAD_ID if row is None else row], device=self.device)
         head = self.model.head
         return head.score_all(states.to(self.device), item_embedding[None], item_ids)[:, 0]
@@ -229,6 +230,8 @@ def _module_config(module: torch.nn.Module, kind: str, dim: int) -> dict[str, An
         }
         if module.popularity_prior is not None:  # absent otherwise: older readers load it
             config["num_prior_items"] = len(module.popularity_prior) - 1
+        if module.prior_predictor is not None:
+            config["predicted_prior"] = True
         return config
     raise ValueError(kind)
 
@@ -310,6 +313,7 @@ def _build(output_dir: str | Path, tag: str | None = None) -> _Built:
     except FileNotFoundError as err:
         raise ExportError(str(err)) from err
     table = items.table(model.item_tower, torch.device("cpu"))
+    refresh_predicted_prior(model, items, torch.device("cpu"))
 
     preprocessing = video_preprocessing(
         model_config, settings.shards[0] if settings.shards else "", settings.max_text_length

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from finetune.item_content import ClipStore, ItemTexts
-from finetune.model import PAD_ID, ContentEmbeddings, IDOnlyItemTower, ItemTower
+from finetune.model import PAD_ID, ContentEmbeddings, IDOnlyItemTower, ItemTower, Recommender
 
 EMBED_CHUNK = 65_536
 """Items embedded at once from IDs or cached content (a cheap projection)."""
@@ -34,14 +34,18 @@ class ItemInputs:
     text_mask: torch.Tensor | None = None  # (K,) bool
 
 
-def embed_items(tower: ItemTower | IDOnlyItemTower, inputs: ItemInputs) -> torch.Tensor:
-    """(K, D) embeddings of ``inputs`` through ``tower``."""
+def embed_items(
+    tower: ItemTower | IDOnlyItemTower, inputs: ItemInputs, with_content: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """(K, D) embeddings of ``inputs`` through ``tower``; ``with_content``: and the (K, D)
+    content-only embeddings beside them (``ItemTower.combine_with_content``)."""
     if isinstance(tower, IDOnlyItemTower):
         return tower(inputs.item_ids)
     if inputs.content is not None:
         if not tower.encoders_frozen:
             raise RuntimeError("cached content is stale once encoder layers train")
-        return tower.combine(inputs.content, inputs.item_ids, inputs.id_mask)
+        combine = tower.combine_with_content if with_content else tower.combine
+        return combine(inputs.content, inputs.item_ids, inputs.id_mask)
     return tower(
         inputs.clips,
         inputs.clip_mask,
@@ -50,6 +54,7 @@ def embed_items(tower: ItemTower | IDOnlyItemTower, inputs: ItemInputs) -> torch
         inputs.text_mask,
         item_ids=inputs.item_ids,
         id_mask=inputs.id_mask,
+        with_content=with_content,
     )
 
 
@@ -96,11 +101,19 @@ class ItemSource:
         return inputs
 
     @torch.no_grad()
-    def table(self, tower: ItemTower | IDOnlyItemTower, device: torch.device) -> torch.Tensor:
-        """(N + 1, D) embeddings of every item (row ``PAD_ID`` included)."""
+    def table(
+        self, tower: ItemTower | IDOnlyItemTower, device: torch.device, with_ids: bool = True
+    ) -> torch.Tensor:
+        """(N + 1, D) embeddings of every item (row ``PAD_ID`` included); ``with_ids`` False:
+        from content alone, as if no item had been seen in training."""
         ids = torch.arange(self.num_items + 1)
         chunk = self.content_batch_size if self.live else EMBED_CHUNK
-        parts = [embed_items(tower, self.inputs(part, device)) for part in ids.split(chunk)]
+        parts = []
+        for part in ids.split(chunk):
+            inputs = self.inputs(part, device)
+            if not with_ids and inputs.id_mask is not None:
+                inputs.id_mask = torch.zeros_like(inputs.id_mask)
+            parts.append(embed_items(tower, inputs))
         return torch.cat(parts)
 
     def anchors(self) -> torch.Tensor:
@@ -115,3 +128,19 @@ class ItemSource:
             real = torch.nonzero(present.bool()[1:]).squeeze(1) + 1
             found += real[:1].tolist()
         return torch.tensor(found, dtype=torch.long)
+
+
+@torch.no_grad()
+def refresh_predicted_prior(model: Recommender, items: ItemSource, device: torch.device) -> None:
+    """Write every catalogue item's predicted popularity prior into the head's prior table:
+    content head + correction for warm items, content head alone for the others (row
+    ``PAD_ID`` 0). Evaluation and export call it, so that the table they score with and
+    write is the predictor's; a head without a predictor is left alone."""
+    head = model.head
+    if head.prior_predictor is None:
+        return
+    content = items.table(model.item_tower, device, with_ids=False)  # (N + 1, D)
+    ids = torch.arange(len(content), device=content.device)
+    warm = items.warm.to(content.device) & (ids != PAD_ID)
+    prior = head.prior_predictor(content, ids, warm)
+    head.popularity_prior.copy_(torch.where(ids == PAD_ID, 0.0, prior))

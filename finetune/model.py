@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finetune.popularity import PopularityPredictor
 from pretrain.model import VideoTextModel
 
 PAD_ID = 0
@@ -281,6 +282,16 @@ class ItemTower(nn.Module):
     ) -> torch.Tensor:
         """Content (and ID) → normalized item embeddings (..., D). ``id_mask`` defaults to
         every non-padding id; ids of cold items may lie beyond the table."""
+        return self.combine_with_content(content, item_ids, id_mask)[0]
+
+    def combine_with_content(
+        self,
+        content: ContentEmbeddings,
+        item_ids: torch.Tensor | None = None,
+        id_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``combine`` and beside it the content-only embeddings (..., D): what each item is
+        without its ID (a cold or new item's embedding; the popularity predictor's input)."""
         video_weight = torch.sigmoid(self.modality_logit)  # (1,)
         text = content.text
         if self.text_projection is not None:
@@ -290,14 +301,15 @@ class ItemTower(nn.Module):
             + (1 - video_weight) * content.text_mask[..., None] * text
         )  # (..., E)
         hidden = self.projection(F.normalize(mixed, dim=-1))  # (..., D)
-        if self.id_embeddings is not None:
-            if item_ids is None:
-                raise ValueError("a hybrid item tower needs item_ids")
-            if id_mask is None:
-                id_mask = item_ids != PAD_ID
-            rows = self.id_embeddings(torch.where(id_mask, item_ids, PAD_ID))  # (..., D)
-            hidden = hidden + rows * id_mask[..., None]
-        return F.normalize(hidden, dim=-1)
+        content_only = F.normalize(hidden, dim=-1)
+        if self.id_embeddings is None:
+            return content_only, content_only
+        if item_ids is None:
+            raise ValueError("a hybrid item tower needs item_ids")
+        if id_mask is None:
+            id_mask = item_ids != PAD_ID
+        rows = self.id_embeddings(torch.where(id_mask, item_ids, PAD_ID))  # (..., D)
+        return F.normalize(hidden + rows * id_mask[..., None], dim=-1), content_only
 
     def forward(
         self,
@@ -308,9 +320,13 @@ class ItemTower(nn.Module):
         text_mask: torch.Tensor | None = None,
         item_ids: torch.Tensor | None = None,
         id_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """End-to-end item embeddings (B, D); arguments as in ``encode_content`` / ``combine``."""
+        with_content: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """End-to-end item embeddings (B, D); arguments as in ``encode_content`` / ``combine``
+        (``with_content``: ``combine_with_content``'s pair)."""
         content = self.encode_content(clips, clip_mask, input_ids, attention_mask, text_mask)
+        if with_content:
+            return self.combine_with_content(content, item_ids, id_mask)
         return self.combine(content, item_ids, id_mask)
 
     def from_cache(
@@ -466,6 +482,11 @@ class RankingHead(nn.Module):
     times larger to count. Scoring then needs the items' ids; a new item takes ``PAD_ID``,
     whose prior is 0 (the mean of the warm items), like every item without training
     interactions.
+
+    Predicted prior (``predicted_prior``, ``finetune.popularity``): the prior table holds a
+    ``PopularityPredictor``'s value of each catalogue item (set before evaluation and export),
+    training passes the live values (``item_prior``), and a ``PAD_ID`` item is a new one: its
+    prior is predicted from the embedding it is scored with, its content alone.
     """
 
     def __init__(
@@ -478,8 +499,10 @@ class RankingHead(nn.Module):
         normalize: bool = True,
         mlp_hidden: int = 256,
         num_prior_items: int = 0,
+        predicted_prior: bool = False,
     ):
-        """``num_prior_items`` > 0 adds the popularity prior over item ids 0..num_prior_items."""
+        """``num_prior_items`` > 0 adds the popularity prior over item ids 0..num_prior_items,
+        ``predicted_prior`` predicts it from content (needs ``num_prior_items``)."""
         super().__init__()
         if kind not in ("dot", "mlp"):
             raise ValueError(f"kind must be 'dot' or 'mlp', got {kind!r}")
@@ -503,6 +526,11 @@ class RankingHead(nn.Module):
             self.popularity_weight = nn.Parameter(torch.zeros(1))  # (1,) for DeepSpeed
         else:
             self.popularity_prior = self.popularity_weight = None
+        if predicted_prior and num_prior_items < 1:
+            raise ValueError("a predicted prior needs num_prior_items > 0")
+        self.prior_predictor = (
+            PopularityPredictor(dim, num_prior_items) if predicted_prior else None
+        )
 
     @property
     def logit_scale(self) -> torch.Tensor:
@@ -526,43 +554,64 @@ class RankingHead(nn.Module):
             raise ValueError(f"counts of shape {tuple(counts.shape)}, the prior has {shape}")
         self.popularity_prior.copy_(centred_log_popularity(counts))
 
-    def _with_prior(self, logits: torch.Tensor, item_ids: torch.Tensor | None) -> torch.Tensor:
-        """``logits`` (..., N) plus scale · w · prior of the (N,) or (..., N) ``item_ids``."""
+    def _with_prior(
+        self,
+        logits: torch.Tensor,  # (..., N)
+        item_ids: torch.Tensor | None,  # (N,) or (..., N)
+        items: torch.Tensor,  # (N, D) or (..., N, D) the embeddings scored
+        item_prior: torch.Tensor | None = None,  # like item_ids: the prior, given
+    ) -> torch.Tensor:
+        """``logits`` plus scale · w · prior of the items: ``item_prior``, or the table's row
+        of each id (a predicted prior predicts a ``PAD_ID`` item's from its embedding)."""
         if self.popularity_prior is None:
             return logits
-        if item_ids is None:
-            raise ValueError("a head with a popularity prior needs item_ids")
-        prior = self.popularity_prior[item_ids.to(self.popularity_prior.device)]
-        return logits + self.logit_scale * self.popularity_weight * prior
+        if item_prior is None:
+            if item_ids is None:
+                raise ValueError("a head with a popularity prior needs item_ids")
+            item_ids = item_ids.to(self.popularity_prior.device)
+            item_prior = self.popularity_prior[item_ids]
+            new = item_ids == PAD_ID
+            if self.prior_predictor is not None and new.any():
+                rows = new.nonzero(as_tuple=True)
+                content = items.expand(*item_ids.shape, items.shape[-1])[rows]
+                item_prior = item_prior.index_put(rows, self.prior_predictor.from_content(content))
+        return logits + self.logit_scale * self.popularity_weight * item_prior
 
     def score_all(
         self,
         users: torch.Tensor,  # (B, D)
         items: torch.Tensor,  # (N, D)
         item_ids: torch.Tensor | None = None,  # (N,): the popularity prior's rows
+        item_prior: torch.Tensor | None = None,  # (N,): the prior itself (training)
     ) -> torch.Tensor:
         """(B, N) logits of every user against every item (see the class docstring for the
-        cost); ``item_ids`` are needed with the popularity prior only."""
+        cost); ``item_ids`` (or ``item_prior``) are needed with the popularity prior only."""
+        raw = items
         users, items = self._prepare(users, items)
         if self.mlp is None:
-            return self._with_prior(self.logit_scale * users @ items.T, item_ids)  # (B, N)
-        batch, count = len(users), len(items)
-        logits = self._mlp(
-            users[:, None].expand(batch, count, -1), items[None].expand(batch, count, -1)
-        )  # (B, N)
-        return self._with_prior(logits, item_ids)
+            logits = self.logit_scale * users @ items.T  # (B, N)
+        else:
+            batch, count = len(users), len(items)
+            logits = self._mlp(
+                users[:, None].expand(batch, count, -1), items[None].expand(batch, count, -1)
+            )  # (B, N)
+        return self._with_prior(logits, item_ids, raw, item_prior)
 
     def score_pairs(
         self,
         users: torch.Tensor,  # (..., D)
         items: torch.Tensor,  # (..., D)
         item_ids: torch.Tensor | None = None,  # (...): the popularity prior's rows
+        item_prior: torch.Tensor | None = None,  # (...): the prior itself (training)
     ) -> torch.Tensor:
-        """(...) logits, row by row; ``item_ids`` as in ``score_all``."""
+        """(...) logits, row by row; ``item_ids`` / ``item_prior`` as in ``score_all``."""
+        raw = items
         users, items = self._prepare(users, items)
         if self.mlp is None:
-            return self._with_prior(self.logit_scale * (users * items).sum(dim=-1), item_ids)
-        return self._with_prior(self._mlp(*torch.broadcast_tensors(users, items)), item_ids)
+            logits = self.logit_scale * (users * items).sum(dim=-1)
+        else:
+            logits = self._mlp(*torch.broadcast_tensors(users, items))
+        return self._with_prior(logits, item_ids, raw, item_prior)
 
 
 def centred_log_popularity(counts: torch.Tensor) -> torch.Tensor:
@@ -637,20 +686,23 @@ class Recommender(nn.Module):
 
 def mixed_sampling_log_q(
     candidate_ids: torch.Tensor,  # (C,)
-    item_probability: torch.Tensor,  # (num_items + 1,) popularity, sums to 1 over real items
-    batch_size: int,
+    targets_per_user: torch.Tensor,  # (num_items + 1,) mean count among one user's targets
+    batch_users: int,
     num_uniform: int,
     num_items: int,
 ) -> torch.Tensor:
     """log of the expected count of each candidate in a mixed candidate set (C,).
 
-    In-batch candidates are the batch's positives, drawn in proportion to popularity p_j
-    (B draws); sampled negatives are uniform over ``num_items`` (S draws). An item's expected
-    count is B·p_j + S / N whichever way it arrived, which is the q of the logQ correction for
-    mixed negative sampling (Yi et al. 2019; Yang et al. 2020).
+    In-batch candidates are the next-item targets of B users drawn uniformly: item j arrives
+    B·t_j times on average, t_j its mean count among one user's targets (the windows the
+    sampler cuts, not the training counts); sampled negatives are uniform over ``num_items``
+    (S draws). An item's expected count is B·t_j + S / N whichever way it arrived: up to a
+    constant the mixture q = α·p + (1 − α) / N of the logQ correction for mixed negative
+    sampling (Yi et al. 2019; Yang et al. 2020), p the targets' distribution and α their
+    expected share of the candidates.
     """
-    probability = item_probability.to(torch.float64)[candidate_ids]
-    expected = batch_size * probability + num_uniform / num_items
+    rate = targets_per_user.to(torch.float64)[candidate_ids]
+    expected = batch_users * rate + num_uniform / num_items
     return expected.log().float()
 
 
@@ -674,6 +726,7 @@ def sampled_softmax_loss(
     history_ids: torch.Tensor | None = None,  # (U, L)
     history_index: torch.Tensor | None = None,  # (R,) row → history row
     row_weights: torch.Tensor | None = None,  # (R,) >= 0
+    candidate_prior: torch.Tensor | None = None,  # (R + S,) a predicted popularity prior
 ) -> torch.Tensor:
     """Softmax over in-batch positives and sampled negatives, mean over rows (weighted by
     ``row_weights`` when given).
@@ -693,7 +746,7 @@ def sampled_softmax_loss(
     """
     candidate_ids = torch.cat([positive_ids, negative_ids])  # (C,)
     candidates = torch.cat([positive_embeddings, negative_embeddings])  # (C, D)
-    logits = head.score_all(user_states, candidates, candidate_ids)  # (R, C)
+    logits = head.score_all(user_states, candidates, candidate_ids, candidate_prior)  # (R, C)
     if candidate_log_q is not None:
         logits = logits - candidate_log_q[None, :]
 
@@ -721,8 +774,9 @@ def pointwise_bce_loss(
     labels: torch.Tensor,  # (R,) in [0, 1], e.g. click / like / long watch
     head: RankingHead,
     item_ids: torch.Tensor | None = None,  # (R,), needed with the popularity prior
+    item_prior: torch.Tensor | None = None,  # (R,) a predicted popularity prior
 ) -> torch.Tensor:
     """Binary cross-entropy on labelled (user, item) rows, for explicit feedback (impressions
     with and without a click) that the softmax over implicit positives cannot use."""
-    logits = head.score_pairs(user_states, item_embeddings, item_ids)  # (R,)
+    logits = head.score_pairs(user_states, item_embeddings, item_ids, item_prior)  # (R,)
     return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))

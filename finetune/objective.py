@@ -39,12 +39,15 @@ class NextItemBatch:
     bce_position: torch.Tensor | None = None  # (P,) long: window slot of the state scoring it
     bce_item_rows: torch.Tensor | None = None  # (P,) long: the labelled item
     bce_labels: torch.Tensor | None = None  # (P,) float in [0, 1]
+    prior_targets: torch.Tensor | None = None  # (K,) centred log counts, NaN if never trained
 
 
 class NextItemObjective(Recommender):
     """A ``Recommender`` whose ``forward`` is the training loss: sampled softmax over in-batch
     + uniform negatives at every window position (history items masked as negatives), plus
-    ``bce_weight`` × BCE on labelled rows when ``bce_weight`` > 0.
+    ``bce_weight`` × BCE on labelled rows when ``bce_weight`` > 0, plus the predicted
+    popularity prior's regression (``finetune.popularity``) when the head has one: the scores
+    see its values detached, with this step's ID mask.
 
     Every rank makes the same module calls whatever its batch holds (the BCE term is computed
     on a dummy row and zeroed when a rank has no labelled rows), because ZeRO-3 gathers a
@@ -55,7 +58,17 @@ class NextItemObjective(Recommender):
         self.bce_weight = bce_weight
 
     def forward(self, batch: NextItemBatch) -> dict[str, torch.Tensor]:
-        items = embed_items(self.item_tower, batch.items)  # (K, D)
+        predictor = self.head.prior_predictor
+        prior = None
+        if predictor is None:
+            items = embed_items(self.item_tower, batch.items)  # (K, D)
+        else:
+            items, content = embed_items(self.item_tower, batch.items, with_content=True)
+            id_mask = batch.items.id_mask
+            prior_loss = predictor.regression_loss(
+                content, batch.items.item_ids, id_mask, batch.prior_targets
+            )
+            prior = predictor(content.detach(), batch.items.item_ids, id_mask).detach()  # (K,)
         window_ids = batch.items.item_ids[batch.window_rows]  # (B, L + 1)
         windows = items[batch.window_rows]  # (B, L + 1, D)
         inputs, targets = window_ids[:, :-1], window_ids[:, 1:]  # (B, L)
@@ -76,20 +89,29 @@ class NextItemObjective(Recommender):
             history_ids=window_ids,
             history_index=users.repeat_interleave(length)[rows],
             row_weights=None if batch.weights is None else batch.weights[:, 1:].flatten()[rows],
-        )
+            candidate_prior=None
+            if prior is None
+            else torch.cat([prior[batch.window_rows[:, 1:]].flatten()[rows],
+                            prior[batch.negative_rows]]),
+        )  # fmt: skip
         losses = {"loss_softmax": softmax, "loss": softmax}
         if self.bce_weight > 0:
-            losses["loss_bce"] = bce = self._bce(batch, states, items)
-            losses["loss"] = softmax + self.bce_weight * bce
+            losses["loss_bce"] = bce = self._bce(batch, states, items, prior)
+            losses["loss"] = losses["loss"] + self.bce_weight * bce
+        if prior is not None:
+            losses["loss_prior"] = prior_loss
+            losses["loss"] = losses["loss"] + prior_loss
         return losses
 
-    def _bce(self, batch: NextItemBatch, states: torch.Tensor, items: torch.Tensor):
+    def _bce(self, batch: NextItemBatch, states: torch.Tensor, items: torch.Tensor,
+             prior: torch.Tensor | None):  # fmt: skip
         item_ids = batch.items.item_ids
         if batch.bce_labels is None or len(batch.bce_labels) == 0:
             # same head calls as a rank with rows (ZeRO-3), zero loss still in the graph
             dummy = pointwise_bce_loss(
-                states[:1, 0], items[:1], states.new_zeros(1), self.head, item_ids[:1]
-            )
+                states[:1, 0], items[:1], states.new_zeros(1), self.head, item_ids[:1],
+                None if prior is None else prior[:1],
+            )  # fmt: skip
             return dummy * 0
         return pointwise_bce_loss(
             states[batch.bce_user, batch.bce_position],
@@ -97,4 +119,5 @@ class NextItemObjective(Recommender):
             batch.bce_labels,
             self.head,
             item_ids[batch.bce_item_rows],
+            None if prior is None else prior[batch.bce_item_rows],
         )

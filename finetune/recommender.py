@@ -82,6 +82,8 @@ class RecommenderSpec:
     """The item tower reads pooled text features through its own text projection."""
     popularity_prior: bool = False
     """The head adds a learned weight times each item's popularity prior (content models)."""
+    predicted_prior: bool = False
+    """The prior is predicted from content (``finetune.popularity``), with ``popularity_prior``."""
     user_tower: dict[str, Any] = field(default_factory=dict)
     """``UserTower`` arguments after ``dim``."""
     head: dict[str, Any] = field(default_factory=dict)
@@ -99,6 +101,7 @@ class RecommenderSpec:
             id_embeddings=model.id_embeddings,
             pooled_text=model.item_text == "pooled",
             popularity_prior=model.popularity_prior,
+            predicted_prior=model.predicted_prior,
             user_tower={
                 "num_layers": model.user_layers,
                 "num_heads": model.user_heads,
@@ -118,6 +121,7 @@ class RecommenderSpec:
         user = {k: v for k, v in configs["user_tower"].items() if k != "dim"}
         head.pop("dim", None)
         prior_items = int(head.pop("num_prior_items", 0))
+        predicted = bool(head.pop("predicted_prior", False))
         # The temperature only initialises the (stored) log scale; any valid value will do.
         head.setdefault("temperature", 1 / min(20.0, head["max_logit_scale"]))
         return cls(
@@ -126,6 +130,7 @@ class RecommenderSpec:
             id_embeddings=int(tower["num_item_ids"]) > 0,
             pooled_text=bool(tower.get("pooled_text", False)),
             popularity_prior=prior_items > 0,
+            predicted_prior=predicted,
             user_tower=user,
             head=head,
         )
@@ -156,7 +161,12 @@ def build_model(
         else:
             item_tower.unfreeze_top_k(layers)  # 0: frozen
     user_tower = UserTower(spec.dim, **spec.user_tower)
-    head = RankingHead(spec.dim, **spec.head, num_prior_items=spec.num_items if prior else 0)
+    head = RankingHead(
+        spec.dim,
+        **spec.head,
+        num_prior_items=spec.num_items if prior else 0,
+        predicted_prior=prior and spec.predicted_prior,
+    )
     if loss_bce_weight is None:
         return Recommender(item_tower, user_tower, head)
     return NextItemObjective(item_tower, user_tower, head, bce_weight=loss_bce_weight)

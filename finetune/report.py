@@ -4,10 +4,11 @@ chart, and the flat names MLflow accepts.
 Layout of ``metrics.json``'s ``metrics``: ``{split: {model: {group: {metric: value}, "auc":
 value}}}`` with splits ``valid``/``test``, models named by what they are (``content`` or
 ``hybrid``, the trained recommender by its item tower, ``+pop`` appended when its head adds
-the popularity prior; the baselines ``ID-SASRec``, ``popularity``, ``content-kNN``), groups
-``all``/``warm``/``cold`` and metrics ``count``, ``hr@K``, ``ndcg@K``, ``mrr``. The same names
-head the table, the plot's legend and the MLflow metrics (``test/hybrid/warm/ndcg_at_10``;
-MLflow's character set turns ``+`` into ``_``: ``test/content_pop/...``).
+the popularity prior, ``+predpop`` when that prior is predicted from content; the baselines
+``ID-SASRec``, ``popularity``, ``content-kNN``), groups ``all``/``warm``/``cold`` and metrics
+``count``, ``hr@K``, ``ndcg@K``, ``mrr``. The same names head the table, the plot's legend
+and the MLflow metrics (``test/hybrid/warm/ndcg_at_10``; MLflow's character set turns ``+``
+into ``_``: ``test/content_pop/...``).
 """
 
 from __future__ import annotations
@@ -23,18 +24,25 @@ from data_shards.atomic import atomic_write_bytes
 
 CONTENT, HYBRID = "content", "hybrid"
 """The trained recommender: its item tower from content alone, or content plus learned IDs."""
-WITH_PRIOR = "+pop"
-"""Suffix of a trained recommender whose head adds the learned popularity prior."""
+WITH_PRIOR, WITH_PREDICTED_PRIOR = "+pop", "+predpop"
+"""Suffix of a trained recommender whose head adds the learned popularity prior (of training
+counts, or predicted from content)."""
 ID_SASREC, POPULARITY, CONTENT_KNN = "ID-SASRec", "popularity", "content-kNN"
 """The baselines: learned IDs only, training counts, pretrained content without training."""
 TABLE_METRICS = ("hr@10", "hr@20", "hr@50", "ndcg@10", "ndcg@20", "ndcg@50", "mrr")
 PLOT_METRICS = ("hr@10", "ndcg@10")
 
 
-def model_name(id_embeddings: bool, popularity_prior: bool = False) -> str:
+def model_name(
+    id_embeddings: bool, popularity_prior: bool = False, predicted_prior: bool = False
+) -> str:
     """The trained recommender's name: ``hybrid`` with learned item IDs, else ``content``;
-    ``+pop`` appended with the popularity prior (``content+pop``)."""
-    return (HYBRID if id_embeddings else CONTENT) + (WITH_PRIOR if popularity_prior else "")
+    ``+pop`` appended with the popularity prior (``content+pop``), ``+predpop`` when it is
+    predicted from content (``hybrid+predpop``)."""
+    suffix = ""
+    if popularity_prior:
+        suffix = WITH_PREDICTED_PRIOR if predicted_prior else WITH_PRIOR
+    return (HYBRID if id_embeddings else CONTENT) + suffix
 
 
 def nest(flat: Mapping[str, float]) -> dict[str, dict[str, float]]:

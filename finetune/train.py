@@ -73,7 +73,7 @@ class Finetuner(Trainer):
     baselines on the validation and test splits, and returns the metrics."""
 
     stage = "finetune"
-    loss_curve_keys = ("loss", "loss_bce", "id_sasrec_loss")
+    loss_curve_keys = ("loss", "loss_bce", "loss_prior", "id_sasrec_loss")
     # other encoders or other data make the content cache, the item table and the sampler's
     # position meaningless, beside what pretraining refuses
     incompatible_fields = (*checkpoint.INCOMPATIBLE_FIELDS, "encoder", "data")
@@ -87,7 +87,9 @@ class Finetuner(Trainer):
         # --- interactions
         self.data: InteractionData = load_run_data(data_config)
         check_no_leakage(self.data)
-        self.batcher = NextItemBatcher(self.data, config.loss, data_config.max_history_length)
+        self.batcher = NextItemBatcher(
+            self.data, config.loss, data_config.max_history_length, config.model.id_dropout
+        )
         self.evaluation = RankingEvaluation(
             self.data,
             self.batcher.times_by_row,
@@ -107,14 +109,14 @@ class Finetuner(Trainer):
 
         # --- the recommender
         self.model_name = report.model_name(
-            config.model.id_embeddings, config.model.popularity_prior
+            config.model.id_embeddings, config.model.popularity_prior, config.model.predicted_prior
         )
         self.spec = RecommenderSpec.from_config(config, encoder.config.embed_dim, self.num_items)
         self.zero3 = config.parallel.zero_stage == 3
         # under ZeRO-3, items embedded with every batch so that every rank runs both encoders
         self.anchors = self.items.anchors() if self.zero3 else torch.zeros(0, dtype=torch.long)
         objective = build_model(self.spec, encoder, loss_bce_weight=config.loss.bce_weight)
-        if config.model.popularity_prior:
+        if config.model.popularity_prior and not config.model.predicted_prior:
             objective.head.set_popularity_prior(torch.from_numpy(self.batcher.popularity))
         self.engine, self.scheduler = build_engine(
             objective, config, world, config.train.steps, config.optimizer.lr, config.encoder.lr
@@ -229,12 +231,15 @@ class Finetuner(Trainer):
         """What the baseline depends on: the data, the settings its model, loss, engine and
         seeds come from, the world size, and the data files' content (not the main training's
         length, its encoders, what its item tower reads (IDs added to content, joint or pooled
-        text) or whether its head adds a popularity prior, the other baselines, or where the
+        text, ID dropout) or whether its head adds a popularity prior (counted or predicted),
+        the other baselines, or where the
         run is written: a content and a hybrid run share one baseline)."""
         resolved, data = self.resolved, self.config.data
         sections = ("data", "model", "loss", "baselines", "optimizer", "parallel")
         record = {name: resolved[name] for name in sections}
-        not_in_baseline = ("id_embeddings", "item_text", "popularity_prior")
+        not_in_baseline = (
+            "id_embeddings", "item_text", "popularity_prior", "predicted_prior", "id_dropout"
+        )  # fmt: skip
         record["model"] = {k: v for k, v in record["model"].items() if k not in not_in_baseline}
         record["baselines"] = {
             k: v for k, v in record["baselines"].items() if k.startswith("id_sasrec")

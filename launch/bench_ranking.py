@@ -1,6 +1,7 @@
 """Ranking quality on the demo data over several seeds: recommender variants (``VARIANTS``:
-content or hybrid item tower, joint or pooled item text; default the content and hybrid
-towers as finetune_small.yaml configures them), beside the baselines of the same runs
+content or hybrid item tower, joint or pooled item text, ID dropout, the popularity prior
+counted or predicted from content; default the content and hybrid towers as
+finetune_small.yaml configures them), beside the baselines of the same runs
 (ID-SASRec, popularity, content-kNN); test split, warm and cold-start targets, mean ± sd over
 the seeds.
 
@@ -33,6 +34,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+DROPOUT = ["model.id_embeddings=true", "model.id_dropout=0.5"]
+"""The hybrid tower with DropoutNet's share of dropped IDs (p = 0.5), not tuned."""
 VARIANTS = {
     "content": ("content", ["model.id_embeddings=false"]),
     "hybrid": ("hybrid", ["model.id_embeddings=true"]),
@@ -40,8 +43,19 @@ VARIANTS = {
     "content-pooled": ("content", ["model.id_embeddings=false", "model.item_text=pooled"]),
     "hybrid-pooled": ("hybrid", ["model.id_embeddings=true", "model.item_text=pooled"]),
     "content+pop": ("content+pop", ["model.id_embeddings=false", "model.popularity_prior=true"]),
+    "hybrid+dropout": ("hybrid", DROPOUT),
+    "content+predpop": (
+        "content+predpop",
+        ["model.id_embeddings=false", "model.popularity_prior=true", "model.predicted_prior=true"],
+    ),
+    "hybrid+dropout+predpop": (
+        "hybrid+predpop",
+        [*DROPOUT, "model.popularity_prior=true", "model.predicted_prior=true"],
+    ),
 }
 """Variant → (the model's name in metrics.json, its overrides of finetune_small.yaml)."""
+WIDTH = max(map(len, VARIANTS))
+"""Of the name column of the printed tables."""
 BASELINES = ("ID-SASRec", "popularity", "content-kNN")
 COLUMNS = (("warm", "hr@10"), ("warm", "ndcg@10"), ("cold", "hr@10"), ("cold", "ndcg@10"))
 SHARED_FILES = ("item_content.safetensors", "id_sasrec.safetensors")
@@ -121,18 +135,19 @@ def cell(values: list[float]) -> str:
 
 
 def print_table(by_model: dict[str, list[dict]], seeds: list[int]) -> None:
-    header = f"{'model':<14} " + " ".join(f"{g + ' ' + m.upper():>15}" for g, m in COLUMNS)
+    header = f"{'model':<{WIDTH}} " + " ".join(f"{g + ' ' + m.upper():>15}" for g, m in COLUMNS)
     print(f"\n== test split, mean ± sd over seeds {' '.join(map(str, seeds))} ==")
     print(header + "\n" + "-" * len(header))
     for model, runs in by_model.items():
         cells = [cell([run[group][metric] for run in runs]) for group, metric in COLUMNS]
-        print(f"{model:<14} " + " ".join(f"{c:>15}" for c in cells))
+        print(f"{model:<{WIDTH}} " + " ".join(f"{c:>15}" for c in cells))
     print("\nper seed (warm HR@10 / NDCG@10, cold HR@10 / NDCG@10):")
     for model, runs in by_model.items():
         figures = [
             "/".join(f"{run[group][metric]:.3f}" for group, metric in COLUMNS) for run in runs
         ]
-        print(f"{model:<14} " + "  ".join(f"{s}: {f}" for s, f in zip(seeds, figures, strict=True)))
+        cells = "  ".join(f"{s}: {f}" for s, f in zip(seeds, figures, strict=True))
+        print(f"{model:<{WIDTH}} {cells}")
 
 
 def print_margins(by_model: dict[str, list[dict]], variants: list[str]) -> None:
@@ -148,7 +163,7 @@ def print_margins(by_model: dict[str, list[dict]], variants: list[str]) -> None:
                 if b in by_model
             )
             parts.append(f"{group} {metric.upper()} {mean - best:+.3f} (vs {name})")
-        print(f"{variant:<14} " + "; ".join(parts))
+        print(f"{variant:<{WIDTH}} " + "; ".join(parts))
 
 
 def main() -> None:
@@ -186,9 +201,9 @@ def main() -> None:
                 share_files(workdir, output_dir, seed)
                 seconds = finetune(demo, output_dir, seed, variant, args)
                 results = completed(output_dir, args.steps)
-                print(f"  seed {seed} {variant:<14} {seconds:6.0f} s", flush=True)
+                print(f"  seed {seed} {variant:<{WIDTH}} {seconds:6.0f} s", flush=True)
             else:
-                print(f"  seed {seed} {variant:<14} read from {output_dir}", flush=True)
+                print(f"  seed {seed} {variant:<{WIDTH}} read from {output_dir}", flush=True)
             test = results["metrics"]["test"]
             model = test[VARIANTS[variant][0]]
             counts = {group: int(model[group]["count"]) for group in ("warm", "cold")}

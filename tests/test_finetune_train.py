@@ -164,6 +164,8 @@ def test_id_sasrec_baseline_is_trained_once_and_reused_by_a_rerun(frozen_run, wo
     again.resolved["model"]["id_embeddings"] = True  # a hybrid run: the same baseline
     again.resolved["model"]["popularity_prior"] = True  # the prior is the content model's only
     again.resolved["model"]["item_text"] = "pooled"  # what the item tower reads: not ID-only
+    again.resolved["model"]["id_dropout"] = 0.5  # the hybrid's ID dropout: not the baseline's
+    again.resolved["model"]["predicted_prior"] = True  # nor the prior's source
     assert again.id_sasrec_fingerprint() == fingerprint
     again.resolved["baselines"]["id_sasrec_steps"] += 1
     assert again.id_sasrec_fingerprint() != fingerprint
