@@ -341,6 +341,11 @@ def test_cli_prints_a_table_and_writes_jsonl(live, synthetic_shards, tmp_path, c
             "--users", f"{users[0]},ghost_user"]  # fmt: skip
     assert vidrec_cli.main(argv) == 2
     assert "ghost_user" in capsys.readouterr().err
+    # an unknown id in a history is skipped and reported, not fatal
     argv = ["recommend", "--model", str(live.export), "--history", "item_00003,not_an_item"]
-    assert vidrec_cli.main(argv) == 2
-    assert "not_an_item" in capsys.readouterr().err
+    assert vidrec_cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "1 history entries name 1 item id(s) not in the catalogue (e.g. not_an_item)" in (
+        captured.err
+    )
+    assert len(captured.out.splitlines()) == 2 + 10  # header, rule, the default top 10
