@@ -75,8 +75,13 @@ def _run_export(args: argparse.Namespace) -> int:
         return 2
     print(f"exported to {out}")
     if args.register:
-        from pretrain.pyfunc import log_export
+        # a recommender registers as the model that recommends, the video-text model as the
+        # one that embeds
+        if finetune:
+            from finetune.serving_pyfunc import log_recommender as log_model
+        else:
+            from pretrain.pyfunc import log_export as log_model
 
-        uri = log_export(out, registered_model_name=args.register, tracking_uri=args.tracking_uri)
+        uri = log_model(out, registered_model_name=args.register, tracking_uri=args.tracking_uri)
         print(f"registered as {uri}")
     return 0
