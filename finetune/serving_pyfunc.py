@@ -1,12 +1,14 @@
 """A recommender export as an MLflow pyfunc model that recommends (``mlflow models serve``).
 
 Input, one row per user: ``item_ids`` (the user's history, oldest first: catalogue ids),
-optional ``timestamps`` (seconds, one per item) and ``user_id``. Params: ``k`` (default 10) and
-``explain`` (reasons per item, default 0). Output, one row per user: ``user_id``, ``item_ids``
-and ``scores`` of the top ``k`` (best first, seen items excluded), ``unknown_items`` (history
-ids the catalogue does not know: skipped, counted) and, with ``explain``, ``reasons``: per
-recommended item ``{"base", "other", "reasons": [{"item_id", "contribution"}]}`` with
-``base + Σ contribution + other == score`` (``finetune.explain``).
+optional ``timestamps`` (seconds, one per item; ``null`` in a row without them: MLflow's
+schema check refuses a row that leaves the key out while others have it) and ``user_id``.
+Params: ``k`` (default 10) and ``explain`` (reasons per item, default 0). Output, one row per
+user: ``user_id``, ``item_ids`` and ``scores`` of the top ``k`` (best first, seen items
+excluded), ``unknown_items`` (history ids the catalogue does not know: skipped, counted) and,
+with ``explain``, ``reasons``: per recommended item ``{"base", "other", "reasons":
+[{"item_id", "contribution"}]}`` with ``base + Σ contribution + other == score``
+(``finetune.explain``).
 
 The export travels inside the logged model as an artifact and vidrec's packages as code, as
 for the embedding model of ``pretrain.pyfunc``.
@@ -62,7 +64,7 @@ class RecommendationModel(mlflow.pyfunc.PythonModel):
         for position, record in enumerate(model_input.to_dict(orient="records")):
             user_id = record.get("user_id")
             user_id = str(position) if user_id is None or pd.isna(user_id) else str(user_id)
-            times = _as_list(record.get("timestamps"))
+            times = _as_list(record.get("timestamps")) or None  # null or []: unknown
             items = [str(item) for item in _as_list(record["item_ids"]) or []]
             resolved = resolve_histories(self.recommender, [(user_id, items, times)])
             users.append(resolved.histories[0])
