@@ -292,6 +292,38 @@ def _index_with(recommender: ExportedRecommender, table, flags, new_rows: torch.
     return index
 
 
+def _append(
+    export: Path, recommender: ExportedRecommender, item_ids: list[str], embeddings, report
+) -> None:
+    """Append (lock held) new rows to the table, catalogue and index, and commit them."""
+    started = time.perf_counter()
+    old = len(recommender.item_embeddings)
+    table = torch.cat([recommender.item_embeddings.cpu(), embeddings.float().cpu()])
+    new_rows = torch.arange(old, len(table))
+    flags = _flags(recommender, len(item_ids))
+    index = _index_with(recommender, table, flags, new_rows)
+    report.seconds["index"] = time.perf_counter() - started
+    started = time.perf_counter()
+    catalogue = [*recommender.item_ids, *item_ids]
+    report.generation = _commit(export, recommender, table, catalogue, flags, index)
+    report.seconds["commit"] = time.perf_counter() - started
+    report.added = list(item_ids)
+    collect_garbage(export)
+    log.info("added %d items to %s (generation %d)", len(item_ids), export, report.generation)
+
+
+def _split_known(recommender: ExportedRecommender, item_ids: Sequence[str], report) -> list[int]:
+    """Positions of the ids to add: new to the export and first in ``item_ids``."""
+    fresh, seen = [], set()
+    for position, item_id in enumerate(item_ids):
+        if item_id in recommender.item_index or item_id in seen:
+            report.skipped.append(item_id)
+        else:
+            fresh.append(position)
+            seen.add(item_id)
+    return fresh
+
+
 def add_items(
     export_dir: str | Path, items: Sequence[NewItem], *, batch_size: int = 32
 ) -> UpdateReport:
@@ -307,37 +339,39 @@ def add_items(
             json.dumps([read_info(export)["model_id"], [i.fingerprint() for i in items]]).encode()
         ).hexdigest()[:16]
         staging = export / f"{STAGING_PREFIX}{digest}"
-        fresh, seen = [], set()
-        for item in items:
-            if item.item_id in recommender.item_index or item.item_id in seen:
-                report.skipped.append(item.item_id)
-            else:
-                fresh.append(item)
-                seen.add(item.item_id)
-        if not fresh:
-            shutil.rmtree(staging, ignore_errors=True)  # a run killed after its commit
-            return report
-        started = time.perf_counter()
-        embeddings, report.reused_chunks = _staged_embeddings(
-            recommender, fresh, staging, batch_size
-        )
-        report.seconds["embed"] = time.perf_counter() - started
-
-        started = time.perf_counter()
-        old = len(recommender.item_embeddings)
-        table = torch.cat([recommender.item_embeddings.cpu(), embeddings.float()])
-        new_rows = torch.arange(old, len(table))
-        flags = _flags(recommender, len(fresh))
-        index = _index_with(recommender, table, flags, new_rows)
-        report.seconds["index"] = time.perf_counter() - started
-        started = time.perf_counter()
-        item_ids = [*recommender.item_ids, *(item.item_id for item in fresh)]
-        report.generation = _commit(export, recommender, table, item_ids, flags, index)
-        report.seconds["commit"] = time.perf_counter() - started
-        report.added = [item.item_id for item in fresh]
-        collect_garbage(export)
+        fresh = [items[i] for i in _split_known(recommender, [i.item_id for i in items], report)]
+        if fresh:
+            started = time.perf_counter()
+            embeddings, report.reused_chunks = _staged_embeddings(
+                recommender, fresh, staging, batch_size
+            )
+            report.seconds["embed"] = time.perf_counter() - started
+            _append(export, recommender, [item.item_id for item in fresh], embeddings, report)
         shutil.rmtree(staging, ignore_errors=True)
-    log.info("added %d items to %s (generation %d)", len(fresh), export, report.generation)
+    return report
+
+
+def add_embedded_items(
+    export_dir: str | Path, item_ids: Sequence[str], embeddings: torch.Tensor
+) -> UpdateReport:
+    """Add items embedded elsewhere (``embeddings`` (B, D), row i for ``item_ids[i]``: e.g. the
+    item tower run in batch on other machines); ids the export already has are skipped."""
+    export = Path(export_dir)
+    if embeddings.ndim != 2 or len(embeddings) != len(item_ids):
+        raise ValueError(f"{len(item_ids)} item ids, embeddings of shape {tuple(embeddings.shape)}")
+    report = UpdateReport()
+    with _locked(export):
+        collect_garbage(export)
+        recommender = load_recommender(export)
+        if embeddings.shape[1] != recommender.item_embeddings.shape[1]:
+            raise ValueError(
+                f"embeddings of dim {embeddings.shape[1]}, the export's items have "
+                f"{recommender.item_embeddings.shape[1]}"
+            )
+        fresh = _split_known(recommender, item_ids, report)
+        if fresh:
+            ids = [item_ids[i] for i in fresh]
+            _append(export, recommender, ids, embeddings[torch.as_tensor(fresh)], report)
     return report
 
 

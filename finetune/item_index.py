@@ -23,7 +23,7 @@ import math
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +150,11 @@ class ItemIndex:
             # an index without such a parameter (nprobe of a flat index) ignores it
             with contextlib.suppress(RuntimeError):
                 space.set_index_parameter(self.index, name, value)
+
+    def tune(self, **changes) -> None:
+        """Other search settings (``nprobe``, ``ef_search``, ``candidates``) from now on."""
+        self.settings = replace(self.settings, **changes)
+        self._apply_search_settings()
 
     @property
     def exact(self) -> bool:
