@@ -64,14 +64,11 @@ def _run_add(args: argparse.Namespace) -> int:
         print("vidrec index add: --batch-size must be >= 1", file=sys.stderr)
         return 2
     fields = [f.strip() for f in args.text_fields.split(",")] if args.text_fields else None
-    if fields is None:
-        fields = (
-            load_recommender(args.model)
-            .finetune.get("config", {})
-            .get("data", {})
-            .get("text_fields")
-        )
-    items = read_new_items(args.items, fields, args.shards)
+    strict = fields is not None
+    if fields is None:  # the fields the export's catalogue was embedded from, those given
+        data = load_recommender(args.model).finetune.get("config", {}).get("data", {})
+        fields = data.get("text_fields")
+    items = read_new_items(args.items, fields, args.shards, strict=strict)
     report = add_items(args.model, items, batch_size=args.batch_size)
     if report.skipped:
         print(f"{len(report.skipped)} items already in the catalogue, skipped "

@@ -38,7 +38,7 @@ from finetune.catalogue import read_catalogue
 from finetune.export import CATALOGUE_FILE, INDEX_FILE, ITEMS, ExportedRecommender, load_recommender
 from finetune.item_index import INDEX_KEY, IndexSettings, build_index, head_item_vectors
 from finetune.model import PAD_ID
-from finetune.tables import read_table
+from finetune.tables import InteractionFileError, normalize_id, read_table
 from pretrain.export import COMPONENTS_DIR, INFO_FILE, read_info
 
 log = logging.getLogger(__name__)
@@ -83,28 +83,44 @@ class UpdateReport:
 
 
 def read_new_items(
-    path: str | Path, text_fields: Sequence[str] | None = None, shards: str | None = None
+    path: str | Path,
+    text_fields: Sequence[str] | None = None,
+    shards: str | None = None,
+    *,
+    strict: bool = True,
 ) -> list[NewItem]:
     """New items from a catalogue-style file (``item_id``, text columns, optional ``video``
-    paths relative to the file), with their clips from ``shards`` (found by ``item_id``)."""
-    catalogue = read_catalogue(path, text_fields=text_fields)
+    paths relative to the file), with their clips from ``shards`` (found by ``item_id``).
+    ``text_fields``: every one must be a column (``strict``) or those that are, in that order
+    (e.g. the export's fields, of which a new item may lack some). A missing video file or an
+    item with neither text nor clip is refused, row named."""
     table = read_table(path)
+    if text_fields is not None and not strict:
+        text_fields = [name for name in text_fields if name in table.columns]
+    catalogue = read_catalogue(path, text_fields=text_fields)
     videos = table.columns.get("video")
     base = Path(path).parent
-    rows = {str(item_id): i for i, item_id in enumerate(table.columns["item_id"])}
+    rows = {normalize_id(item_id): row for row, item_id in enumerate(table.columns["item_id"])}
     items = []
     for index, item_id in enumerate(catalogue.item_ids, start=1):
-        text = catalogue.text(index) or None
-        files = []
-        if videos is not None:
-            video = videos[rows.get(item_id, index - 1)]
-            if isinstance(video, str) and video.strip():
-                files.append(str(base / video.strip()))
-        items.append(NewItem(item_id, text, files))
+        files, row = [], rows[item_id]
+        video = None if videos is None else videos[row]
+        if isinstance(video, str) and video.strip():
+            file = base / video.strip()
+            if not file.is_file():
+                raise InteractionFileError(f"{path}: row {row}, video: {file} does not exist")
+            files.append(str(file))
+        items.append(NewItem(item_id, catalogue.text(index) or None, files))
     if shards:
         clips = _shard_clips(shards, {item.item_id for item in items})
         for item in items:
             item.clip_bytes = clips.get(item.item_id, [])
+    for item in items:
+        if not item.text and not item.clip_files and not item.clip_bytes:
+            raise InteractionFileError(
+                f"{path}: row {rows[item.item_id]}, item {item.item_id}: no text and no clip "
+                "(no text field, no video, nothing in --shards)"
+            )
     return items
 
 

@@ -52,8 +52,9 @@ class IndexSettings:
     factory: str = "auto"
     """faiss factory string of the approximate index; ``auto``: ``IVF<n>,Flat`` with n about
     the square root of the item count (a power of two)."""
-    nprobe: int = 48
-    """IVF lists searched per query (an IVF index)."""
+    nprobe: int = 16
+    """IVF lists searched per query (an IVF index). 16 of ``auto``'s 1,024 lists at 1 M items:
+    recall@10 0.999 against exact at 14× its users/s (BENCHMARKS.md, "Serving")."""
     ef_search: int = 128
     """HNSW search breadth (an HNSW index)."""
     candidates: int = 100

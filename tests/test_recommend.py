@@ -465,6 +465,10 @@ def test_an_added_video_is_recommended_to_the_user_of_its_near_duplicates(
 ):
     copy = copy_of(live.export, tmp_path)
     items, new_id = near_duplicates(live, synthetic_shards, tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"item_id": "a", "title": "t"}\n{"item_id": "b", "video": "gone.mp4"}\n')
+    assert vidrec_cli.main(["index", "add", "--model", str(copy), "--items", str(bad)]) == 2
+    assert f"{bad}: row 1, video: {tmp_path / 'gone.mp4'} does not exist" in capsys.readouterr().err
     argv = ["index", "add", "--model", str(copy), "--items", str(items)]  # the export's fields
     assert vidrec_cli.main(argv) == 0
     assert "added 4 items" in capsys.readouterr().out
