@@ -2,7 +2,8 @@
 items whose embeddings have the structure of real ones; and ``index add`` timed.
 
     python launch/bench_serving.py [--items 1000000] [--users 10000] [--dim 256]
-        [--factory auto] [--nprobe 48] [--candidates 100] [--add 10000] [--workdir DIR]
+        [--factory auto] [--nprobe 16] [--sweep 8 32 48] [--candidates 100] [--add 10000]
+        [--workdir DIR] [--json FILE]
 
 Items: the synthetic catalogue's captions (``data_shards.synth``, ``--base-items`` of them)
 embedded by the packaged all-MiniLM-L6-v2 (the small preset's text tower; mean pooled), taken
@@ -13,8 +14,10 @@ taste (a base item and its 7 nearest base items), 20 history items drawn from th
 those, the state the normalized mean of their embeddings (content-kNN's user state), the 20
 seen items excluded from both rankings.
 
-Exact: every item scored (one matmul per user chunk, what ``score_items`` does), top 10.
-Index: ``ItemIndex.search`` for ``--candidates`` + 20 rows, re-ranked exactly, top 10. The two
+Exact: every item scored (one matmul per user chunk of pre-normalized vectors, top 10; the
+served ``score_items`` also normalizes the table on every call, so this baseline is the faster
+one). Index: ``ItemIndex.search`` for ``--candidates`` + 20 rows, re-ranked exactly, top 10:
+the search and re-rank of ``finetune.serving``, on bare tensors. The two
 run interleaved, chunk by chunk, on the same users; users/s are medians over chunks with the
 range, the ratio the median of per-chunk ratios. recall@10 = |index top 10 ∩ exact top 10| / 10.
 
