@@ -79,7 +79,7 @@ for user in users:
         titles[r.item_id] + (" (new)" if r.cold_start else "") for r in rows if r.user_id == user))
 PY
 echo "[vidrec demo] serving: the export's item index, a new video added live, and why"
-vidrec index info --model "$OUT/export"
+vidrec index info --model "$OUT/export" 2>&1 | grep -v "Loading weights"
 python - "$OUT" <<'PY'
 # A new upload: a held-out (cold-start) video under a new id, with its own title and tags.
 import json, sys
@@ -93,13 +93,14 @@ new = {"item_id": "new_upload", "title": item["title"], "caption": item["caption
 (out / "new_video.jsonl").write_text(json.dumps(new) + "\n")
 print(f"[vidrec demo] new video: {new['title']} ({Path(new['video']).name})")
 PY
-vidrec index add --model "$OUT/export" --items "$OUT/new_video.jsonl" 2>&1 | grep -E "^added|skipped"
+vidrec index add --model "$OUT/export" --items "$OUT/new_video.jsonl" 2>&1 \
+  | grep -E "^(added|vidrec index add:)"
 echo "[vidrec demo] the users it scores highest for, at once (served from its content):"
 vidrec recommend --model "$OUT/export" --item new_upload --users-from "$OUT/synth/interactions.csv" \
-  --top-k 3 2>/dev/null | tee "$OUT/new_video_users.txt"
-fan=$(awk 'NR == 3 {print $3}' "$OUT/new_video_users.txt")
+  --top-k 3 2>&1 | grep -v "Loading weights" | tee "$OUT/new_video_users.txt"
+fan=$(awk '$1 == "new_upload" && $2 == 1 {print $3}' "$OUT/new_video_users.txt")
 echo "[vidrec demo] $fan's list, with the history items that added most to each score:"
 vidrec recommend --model "$OUT/export" --interactions "$OUT/synth/interactions.csv" --users "$fan" \
-  --top-k 5 --explain 2 2>/dev/null
+  --top-k 5 --explain 2 2>&1 | grep -v "Loading weights"
 echo "[vidrec demo] finetune MLflow: mlflow ui --backend-store-uri sqlite:///$OUT/finetune/mlflow.db"
 echo "[vidrec demo] done: contact sheet $OUT/shards_warm/contact_sheet.png, loss curve $OUT/pretrain/loss_curve.png, ranking $OUT/finetune/comparison.png, export $OUT/export"
