@@ -79,12 +79,16 @@ for user in users:
         titles[r.item_id] + (" (new)" if r.cold_start else "") for r in rows if r.user_id == user))
 PY
 echo "[vidrec demo] serving: the export's item index, a new video added live, and why"
-vidrec index info --model "$OUT/export" 2>&1 | grep -v "Loading weights"
 python - "$OUT" <<'PY'
-# A new upload: a held-out (cold-start) video under a new id, with its own title and tags.
+# The export's item index as its manifest records it (what `vidrec index info` prints), and
+# a new upload: a held-out (cold-start) video under a new id, with its title and tags.
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
+index = json.loads((out / "export" / "export_info.json").read_text())["item_index"]
+print(f"[vidrec demo] item index {index['file']}: {index['factory']} over {index['size']} items "
+      f"(exact below {index['settings']['exact_below']:,}, else IVF; sha256 "
+      f"{index['sha256'][:12]}... in export_info.json)")
 cold = json.loads((out / "synth" / "synth.json").read_text())["cold_start_items"][0]
 item = next(json.loads(line) for line in (out / "synth" / "items.jsonl").read_text().splitlines()
             if json.loads(line)["item_id"] == cold)
