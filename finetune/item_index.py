@@ -137,8 +137,12 @@ class ItemIndex:
 
     @staticmethod
     def _training_sample(vectors, index, settings: IndexSettings) -> np.ndarray:
-        lists = faiss.extract_index_ivf(index).nlist if "IVF" in index.__class__.__name__ else 1
-        size = min(len(vectors), settings.train_sample * max(lists, 1))
+        """``train_sample`` points per IVF list; other trained kinds (PQ, ...) 100,000."""
+        try:
+            size = settings.train_sample * faiss.extract_index_ivf(index).nlist
+        except RuntimeError:  # not an IVF index
+            size = 100_000
+        size = min(len(vectors), size)
         if size == len(vectors):
             return vectors
         rng = np.random.default_rng(settings.seed)
