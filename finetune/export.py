@@ -210,6 +210,7 @@ class ExportedRecommender:
     def to(self, device: str | torch.device) -> ExportedRecommender:
         self.model.to(device)
         self.item_embeddings = self.item_embeddings.to(device)
+        self.removed = self.removed.to(device)  # masks candidate rows on the device
         return self
 
 
