@@ -26,6 +26,7 @@ from test_finetune_train import export_dir, tiny  # noqa: F401  (export_dir is a
 from test_pretrain_train import world  # noqa: F401  (the module-wide process group fixture)
 
 import vidrec_cli
+from finetune.catalogue import clip_keys_from_shards
 from finetune.export import INDEX_FILE, ITEMS, USER_TOWER, build_recommender, load_recommender
 from finetune.index_update import embed_items, read_new_items
 from finetune.item_index import head_query_vectors
@@ -684,3 +685,25 @@ def test_the_registered_recommender_answers_over_http(live, tmp_path, monkeypatc
     for score, reason in zip(first["scores"], first["reasons"], strict=True):
         total = reason["base"] + sum(r["contribution"] for r in reason["reasons"]) + reason["other"]
         assert abs(total - score) < 1e-4
+
+
+def test_index_add_embeds_a_video_from_shards_as_the_export_embedded_its_cold_items(
+    live, synthetic_shards, tmp_path
+):
+    """A catalogue item read back as a new one (its title and tags, its clips from the
+    shards) gets the embedding the export's table holds for it: the same decoding, tokens
+    and item tower as a cold-start item's."""
+    recommender = load_recommender(live.export)
+    catalogue = live.trainer.data.catalogue
+    cold_rows = torch.nonzero(recommender.cold).flatten().tolist()
+    clips = {d: clip_keys_from_shards(synthetic_shards[d]) for d in ("train", "eval")}
+    row, where = next(
+        (row, d) for row in cold_rows for d in clips if catalogue.item_ids[row - 1] in clips[d]
+    )
+    item_id = catalogue.item_ids[row - 1]
+    path = tmp_path / "again.jsonl"
+    path.write_text(json.dumps({"item_id": item_id, **catalogue.texts[row - 1]}) + "\n")
+    items = read_new_items(path, ["title", "tags"], str(synthetic_shards[where]))
+    assert items[0].clip_bytes and items[0].text == catalogue.text(row)
+    embedding = embed_items(recommender, items)[0]
+    torch.testing.assert_close(embedding, recommender.item_embeddings[row], atol=1e-5, rtol=0)
