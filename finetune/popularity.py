@@ -76,3 +76,12 @@ class PopularityPredictor(nn.Module):
             return ((values - target).square() * rows).sum() / rows.sum().clamp(min=1)
 
         return mean_squared_error(predicted, counted) + mean_squared_error(corrected, kept)
+
+
+def new_item_prior(head: nn.Module, content: torch.Tensor) -> torch.Tensor:
+    """(N,) the prior of items added after training (``vidrec index add``), from their (N, D)
+    content-only embeddings: the one it predicts with a predicted prior, else 0, the mean of
+    the warm items (as ``recommend --item`` scores a new item)."""
+    if head.prior_predictor is None:
+        return content.new_zeros(len(content))
+    return head.prior_predictor.from_content(content).to(content.dtype)

@@ -3,8 +3,9 @@
 Two questions a finetuned recommender answers at serving time:
 
 - *items for users*: each user's state after their history (read from an interaction file, or
-  given inline) is scored against the whole catalogue table; items already in the history are
-  excluded, as in the evaluation's full ranking.
+  given inline) takes candidates from the export's item index, re-ranked with the full head
+  (``finetune.serving``); items already in the history are excluded, as in the evaluation's
+  full ranking. ``--explain N`` adds each item's N strongest reasons (``finetune.explain``).
 - *users for an item*: one item (a new one, embedded from its text and/or clip by the item
   tower, as a cold-start item is; or a catalogue item, from its table row) is scored against
   every user's current state; users who already engaged with it are left out.
@@ -12,7 +13,8 @@ Two questions a finetuned recommender answers at serving time:
 A user's "current" history is every engaged row of the interaction file (label 1, or no label
 column), sorted by (timestamp, file order) like training; no leave-one-out split and no minimum
 count, since serving sees the whole log. Rows naming items outside the catalogue are skipped
-and counted (a log may be newer than the export); ids given on the command line must exist.
+and counted (a log may be newer than the export), as are unknown ids of an inline
+``--history``; user ids and catalogue ids asked for by ``--users`` / ``--item`` must exist.
 
 The model is an export dir (``vidrec export --checkpoint <finetune output dir>``) or a finetune
 output dir itself (built in memory from its latest checkpoint, the same object).
@@ -26,40 +28,23 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from finetune.export import ExportedRecommender, build_recommender, load_recommender
+from finetune.serving import (
+    Recommendation,
+    UserHistory,
+    recommend_items,
+    resolve_histories,
+    user_states,
+)
 from pretrain.export import INFO_FILE, ExportError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class UserHistory:
-    """One user's engaged items, oldest first."""
-
-    user_id: str
-    items: list[int]
-    """Table rows (1..N) of the catalogue items."""
-    timestamps: list[float] | None = None
-    """Seconds, one per item; None: unknown (inline histories)."""
-
-
-@dataclass
-class Recommendation:
-    """One output row: ``rank`` 1 is the best ``item_id`` for ``user_id`` (or the best user
-    for the item)."""
-
-    user_id: str
-    item_id: str
-    rank: int
-    score: float
-    cold_start: bool
-    """The item is cold-start (catalogue flag) or new (not in the catalogue)."""
 
 
 def open_recommender(path: str | Path, device: str | torch.device = "cpu") -> ExportedRecommender:
@@ -138,55 +123,6 @@ def select_users(histories: dict[str, UserHistory], user_ids: Sequence[str] | No
 # ============================================================================= the two questions
 
 
-def _states(recommender: ExportedRecommender, histories: Sequence[UserHistory], chunk: int):
-    parts = []
-    for start in range(0, len(histories), chunk):
-        batch = histories[start : start + chunk]
-        parts.append(
-            recommender.user_states([h.items for h in batch], [h.timestamps for h in batch])
-        )
-    return torch.cat(parts) if parts else torch.zeros(0, recommender.item_embeddings.shape[1])
-
-
-@torch.no_grad()
-def recommend_items(
-    recommender: ExportedRecommender,
-    histories: Sequence[UserHistory],
-    k: int = 10,
-    *,
-    exclude_seen: bool = True,
-    user_chunk: int = 256,
-) -> list[Recommendation]:
-    """The top-``k`` catalogue items for each user, best first; padding and (by default) the
-    user's history are never recommended."""
-    rows: list[Recommendation] = []
-    for start in range(0, len(histories), user_chunk):
-        batch = histories[start : start + user_chunk]
-        scores = recommender.score_items(_states(recommender, batch, user_chunk))  # (B, N + 1)
-        scores[:, 0] = -torch.inf
-        if exclude_seen:
-            for row, history in enumerate(batch):
-                if history.items:
-                    scores[row, torch.as_tensor(history.items)] = -torch.inf
-        count = min(k, recommender.num_items)
-        top_scores, top_rows = scores.topk(count, dim=1)  # (B, k), sorted
-        for history, item_scores, item_rows in zip(batch, top_scores, top_rows, strict=True):
-            ranked = zip(item_scores.tolist(), item_rows.tolist(), strict=True)
-            for rank, (score, row) in enumerate(ranked, start=1):
-                if score == -torch.inf:  # the user has seen all but fewer than k items
-                    break
-                rows.append(
-                    Recommendation(
-                        history.user_id,
-                        recommender.item_ids[row - 1],
-                        rank,
-                        score,
-                        bool(recommender.cold[row]),
-                    )  # fmt: skip
-                )
-    return rows
-
-
 @torch.no_grad()
 def recommend_users(
     recommender: ExportedRecommender,
@@ -220,7 +156,7 @@ def recommend_users(
             )
         embedding = recommender.item_embeddings[row]
     candidates = [h for h in histories if row is None or row not in h.items]
-    states = _states(recommender, candidates, user_chunk)
+    states = user_states(recommender, candidates, user_chunk)
     scores = recommender.score_users(states, embedding, row)
     order = torch.argsort(scores, descending=True, stable=True)[:k]
     cold = row is None or bool(recommender.cold[row])
@@ -233,18 +169,25 @@ def recommend_users(
 # ============================================================================= output
 
 
+def _reasons_text(row: Recommendation) -> str:
+    if row.reasons is None:
+        return ""
+    return ", ".join(f"{r.item_id} {r.contribution:+.3f}" for r in row.reasons) + (
+        f" (base {row.base:+.3f}, other {row.other:+.3f})"
+    )
+
+
 def format_table(rows: Sequence[Recommendation], by_item: bool = False) -> str:
-    """Aligned plain-text table (what the CLI prints)."""
+    """Aligned plain-text table (what the CLI prints); a ``reasons`` column when explained."""
     columns = ["item_id", "rank", "user_id"] if by_item else ["user_id", "rank", "item_id"]
     columns += ["score", "cold_start"]
-    cells = [columns] + [
-        [
-            f"{getattr(row, name):.4f}" if name == "score" else str(getattr(row, name))
-            for name in columns
-        ]
-        for row in rows
-    ]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    explained = any(row.reasons is not None for row in rows)
+    cells = [columns + (["reasons"] if explained else [])]
+    for row in rows:
+        line = [f"{row.score:.4f}" if name == "score" else str(getattr(row, name))
+                for name in columns]  # fmt: skip
+        cells.append(line + ([_reasons_text(row)] if explained else []))
+    widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True))
              for line in cells]  # fmt: skip
     lines.insert(1, "  ".join("-" * width for width in widths))
@@ -252,11 +195,13 @@ def format_table(rows: Sequence[Recommendation], by_item: bool = False) -> str:
 
 
 def write_rows(rows: Sequence[Recommendation], path: str | Path) -> None:
-    """JSONL (``.jsonl``/``.json``) or CSV (``.csv``), by suffix."""
+    """JSONL (``.jsonl``/``.json``) or CSV (``.csv``, reasons as a JSON list), by suffix."""
     path = Path(path)
     records = [asdict(row) for row in rows]
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".csv":
+        for record in records:
+            record["reasons"] = "" if record["reasons"] is None else json.dumps(record["reasons"])
         with open(path, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=[f.name for f in fields(Recommendation)])
             writer.writeheader()
@@ -307,6 +252,10 @@ def add_parser(commands) -> None:
         "--users-from", help="interaction log whose users are ranked for --item (default: "
         "--interactions)",
     )  # fmt: skip
+    recommend.add_argument(
+        "--explain", type=int, nargs="?", const=3, default=0, metavar="N",
+        help="with each item, the N history items that added most to its score (default 3)",
+    )  # fmt: skip
     recommend.add_argument("--out", help="also write the rows to FILE.jsonl or FILE.csv")
     recommend.add_argument("--device", default="cpu", help="e.g. cpu, cuda:0")
     recommend.set_defaults(run=_run)
@@ -327,8 +276,8 @@ def _interactions_path(args: argparse.Namespace, recommender: ExportedRecommende
 def _run(args: argparse.Namespace) -> int:
     from finetune.tables import InteractionFileError
 
-    if args.top_k < 1:
-        print("vidrec recommend: --top-k must be >= 1", file=sys.stderr)
+    if args.top_k < 1 or args.explain < 0:
+        print("vidrec recommend: --top-k must be >= 1 and --explain >= 0", file=sys.stderr)
         return 2
     if args.item and args.history:
         print("vidrec recommend: --history is one user's history for item recommendations; "
@@ -342,7 +291,10 @@ def _run(args: argparse.Namespace) -> int:
                         if line.strip()]  # fmt: skip
         if args.history and not args.item:
             name = user_ids[0] if user_ids and len(user_ids) == 1 else "history"
-            histories = [UserHistory(name, recommender.rows(_split(args.history)))]
+            resolved = resolve_histories(recommender, [(name, _split(args.history), None)])
+            if resolved.unknown:
+                print(f"vidrec recommend: --history: {resolved.report()}", file=sys.stderr)
+            histories = resolved.histories
         else:
             source = _interactions_path(args, recommender)
             histories = select_users(read_histories(source, recommender), user_ids, source)
@@ -356,8 +308,9 @@ def _run(args: argparse.Namespace) -> int:
             )
         else:
             rows = recommend_items(
-                recommender, histories, args.top_k, exclude_seen=not args.include_seen
-            )
+                recommender, histories, args.top_k, exclude_seen=not args.include_seen,
+                explain=args.explain,
+            )  # fmt: skip
         if args.out:
             write_rows(rows, args.out)
     except KeyError as err:  # unknown user / item ids: the message names them

@@ -118,6 +118,7 @@ class RecommenderSpec:
         """The spec an export records: its ``item_tower``, ``user_tower``, ``ranking_head``
         and ``item_embeddings`` component configs (see ``finetune.export``)."""
         tower, head = configs["item_tower"], dict(configs["ranking_head"])
+        items = configs["item_embeddings"]
         user = {k: v for k, v in configs["user_tower"].items() if k != "dim"}
         head.pop("dim", None)
         prior_items = int(head.pop("num_prior_items", 0))
@@ -126,7 +127,9 @@ class RecommenderSpec:
         head.setdefault("temperature", 1 / min(20.0, head["max_logit_scale"]))
         return cls(
             dim=int(tower["dim"]),
-            num_items=int(configs["item_embeddings"]["num_items"]),
+            # the catalogue the modules were trained on; items added later (vidrec index add)
+            # live in the item table only
+            num_items=int(items.get("trained_items", items["num_items"])),
             id_embeddings=int(tower["num_item_ids"]) > 0,
             pooled_text=bool(tower.get("pooled_text", False)),
             popularity_prior=prior_items > 0,

@@ -79,5 +79,33 @@ for user in users:
     print(f"[vidrec demo] {user}: " + "; ".join(
         titles[r.item_id] + (" (new)" if r.cold_start else "") for r in rows if r.user_id == user))
 PY
+echo "[vidrec demo] serving: the export's item index, a new video added live, and why"
+python - "$OUT" <<'PY'
+# The export's item index as its manifest records it (what `vidrec index info` prints), and
+# a new upload: a held-out (cold-start) video under a new id, with its title and tags.
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+index = json.loads((out / "export" / "export_info.json").read_text())["item_index"]
+print(f"[vidrec demo] item index {index['file']}: {index['factory']} over {index['size']} items "
+      f"(exact below {index['settings']['exact_below']:,}, else IVF; sha256 "
+      f"{index['sha256'][:12]}... in export_info.json)")
+cold = json.loads((out / "synth" / "synth.json").read_text())["cold_start_items"][0]
+item = next(json.loads(line) for line in (out / "synth" / "items.jsonl").read_text().splitlines()
+            if json.loads(line)["item_id"] == cold)
+new = {"item_id": "new_upload", "title": item["title"], "caption": item["caption"],
+       "tags": item["tags"], "video": str(out / "synth" / "videos" / f"{cold}.mp4")}
+(out / "new_video.jsonl").write_text(json.dumps(new) + "\n")
+print(f"[vidrec demo] new video: {new['title']} ({Path(new['video']).name})")
+PY
+vidrec index add --model "$OUT/export" --items "$OUT/new_video.jsonl" 2>&1 \
+  | grep -E "^(added|vidrec index add:)"
+echo "[vidrec demo] the users it scores highest for, at once (served from its content):"
+vidrec recommend --model "$OUT/export" --item new_upload --users-from "$OUT/synth/interactions.csv" \
+  --top-k 3 2>&1 | grep -v "Loading weights" | tee "$OUT/new_video_users.txt"
+fan=$(awk '$1 == "new_upload" && $2 == 1 {print $3}' "$OUT/new_video_users.txt")
+echo "[vidrec demo] $fan's list, with the history items that added most to each score:"
+vidrec recommend --model "$OUT/export" --interactions "$OUT/synth/interactions.csv" --users "$fan" \
+  --top-k 5 --explain 2 2>&1 | grep -v "Loading weights"
 echo "[vidrec demo] finetune MLflow: mlflow ui --backend-store-uri sqlite:///$OUT/finetune/mlflow.db"
 echo "[vidrec demo] done: contact sheet $OUT/shards_warm/contact_sheet.png, loss curve $OUT/pretrain/loss_curve.png, ranking $OUT/finetune/comparison.png, export $OUT/export"

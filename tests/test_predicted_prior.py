@@ -9,7 +9,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 
+import numpy as np
 import pytest
 import torch
 from conftest import CONFIGS
@@ -21,6 +23,8 @@ import vidrec_cli
 from finetune import report
 from finetune.config import load_finetune_config
 from finetune.export import HEAD, load_recommender
+from finetune.index_update import add_embedded_items
+from finetune.item_index import head_item_vectors
 from finetune.item_source import ItemSource
 from finetune.model import PAD_ID
 from finetune.recommend import read_histories
@@ -123,6 +127,36 @@ def test_recommend_scores_a_new_item_with_the_prior_its_content_predicts(
     assert [row["user_id"] for row in rows] == [histories[i].user_id for i in top.indices]
     served = torch.tensor([row["score"] for row in rows])
     torch.testing.assert_close(served, top.values, atol=1e-5, rtol=1e-5)
+
+
+def test_an_item_added_to_the_index_gets_the_prior_its_content_predicts(run, tmp_path):
+    """``vidrec index add``: an added item is scored, in the index and by the re-ranking head,
+    with the prior its content predicts, as ``recommend --item`` scores a new item."""
+    _, _, export = run
+    copy = tmp_path / "model"
+    shutil.copytree(export, copy)
+    before = load_recommender(copy)
+    item = before.embed_new_item(NEW_ITEM_TEXT)  # (D,)
+    add_embedded_items(copy, ["brand_new"], item[None])
+
+    after = load_recommender(copy)
+    head, row = after.model.head, len(after.item_ids)
+    assert after.item_ids[-1] == "brand_new" and len(head.popularity_prior) == row + 1
+    with torch.no_grad():
+        predicted = head.prior_predictor.from_content(item)
+        torch.testing.assert_close(head.popularity_prior[row], predicted, atol=1e-6, rtol=0)
+        assert float(predicted.abs()) > 1e-4  # not the mean's 0
+        state = torch.randn(1, item.shape[-1])
+        served = head.score_pairs(state, item[None], torch.tensor([row]))
+        as_new_item = head.score_pairs(state, item[None], torch.tensor([PAD_ID]))
+        torch.testing.assert_close(served, as_new_item)
+    rows = torch.tensor([row])
+    # the index's vector of the row, built while it was added and again after: the same prior
+    adding = head_item_vectors(before.model.head, item[None], rows)
+    loaded = head_item_vectors(head, after.item_embeddings[rows], rows)
+    np.testing.assert_allclose(adding, loaded, atol=1e-6)
+    weight = float(head.popularity_weight)
+    assert adding[0, -1] == pytest.approx(weight * float(predicted), abs=1e-6)
 
 
 def test_every_benchmark_variant_configures_the_model_it_reads(synthetic_shards):
