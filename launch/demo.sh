@@ -80,16 +80,12 @@ for user in users:
         titles[r.item_id] + (" (new)" if r.cold_start else "") for r in rows if r.user_id == user))
 PY
 echo "[vidrec demo] serving: the export's item index, a new video added live, and why"
+vidrec index info --model "$OUT/export" | sed 's/^/[vidrec demo] /'
 python - "$OUT" <<'PY'
-# The export's item index as its manifest records it (what `vidrec index info` prints), and
-# a new upload: a held-out (cold-start) video under a new id, with its title and tags.
+# A new upload: a held-out (cold-start) video under a new id, with its title and tags.
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-index = json.loads((out / "export" / "export_info.json").read_text())["item_index"]
-print(f"[vidrec demo] item index {index['file']}: {index['factory']} over {index['size']} items "
-      f"(exact below {index['settings']['exact_below']:,}, else IVF; sha256 "
-      f"{index['sha256'][:12]}... in export_info.json)")
 cold = json.loads((out / "synth" / "synth.json").read_text())["cold_start_items"][0]
 item = next(json.loads(line) for line in (out / "synth" / "items.jsonl").read_text().splitlines()
             if json.loads(line)["item_id"] == cold)
@@ -102,10 +98,10 @@ vidrec index add --model "$OUT/export" --items "$OUT/new_video.jsonl" 2>&1 \
   | grep -E "^(added|vidrec index add:)"
 echo "[vidrec demo] the users it scores highest for, at once (served from its content):"
 vidrec recommend --model "$OUT/export" --item new_upload --users-from "$OUT/synth/interactions.csv" \
-  --top-k 3 2>&1 | grep -v "Loading weights" | tee "$OUT/new_video_users.txt"
+  --top-k 3 | tee "$OUT/new_video_users.txt"
 fan=$(awk '$1 == "new_upload" && $2 == 1 {print $3}' "$OUT/new_video_users.txt")
 echo "[vidrec demo] $fan's list, with the history items that added most to each score:"
 vidrec recommend --model "$OUT/export" --interactions "$OUT/synth/interactions.csv" --users "$fan" \
-  --top-k 5 --explain 2 2>&1 | grep -v "Loading weights"
+  --top-k 5 --explain 2
 echo "[vidrec demo] finetune MLflow: mlflow ui --backend-store-uri sqlite:///$OUT/finetune/mlflow.db"
 echo "[vidrec demo] done: contact sheet $OUT/shards_warm/contact_sheet.png, loss curve $OUT/pretrain/loss_curve.png, ranking $OUT/finetune/comparison.png, export $OUT/export"
