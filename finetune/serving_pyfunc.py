@@ -25,9 +25,10 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from pretrain.pyfunc import EXPORT_ARTIFACT, log_export_model
+
 log = logging.getLogger(__name__)
 
-EXPORT_ARTIFACT = "export"
 DEFAULT_K = 10
 PIP_REQUIREMENTS = [
     "torch", "transformers", "safetensors", "av", "pandas", "numpy", "tokenizers", "faiss-cpu",
@@ -133,15 +134,9 @@ def log_recommender(
     if info.get("mlflow_run_id"):
         tags["vidrec.source_run_id"] = info["mlflow_run_id"]
     with mlflow.start_run(tags=tags) as run:
-        packages = [str(Path(p.__file__).parent) for p in (finetune, pretrain, data_shards)]
-        logged = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=RecommendationModel(),
-            artifacts={EXPORT_ARTIFACT: str(export_dir)},
-            code_paths=packages,
-            pip_requirements=PIP_REQUIREMENTS,
-            signature=_signature(),
-            registered_model_name=registered_model_name,
-        )
+        uri = log_export_model(
+            RecommendationModel(), export_dir, (finetune, pretrain, data_shards), _signature(),
+            registered_model_name, PIP_REQUIREMENTS,
+        )  # fmt: skip
         log.info("logged recommender %s to run %s", info["model_id"], run.info.run_id)
-    return f"models:/{registered_model_name}/{logged.registered_model_version}"
+    return uri

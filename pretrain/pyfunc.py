@@ -125,16 +125,26 @@ def log_export(
     with mlflow.start_run(run_id=run_id, tags=tags if run_id is None else None) as run:
         if run_id is not None:
             mlflow.set_tags(tags)
-        packages = [str(Path(package.__file__).parent) for package in (pretrain, data_shards)]
-        logged = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=VideoTextEmbedder(),
-            artifacts={EXPORT_ARTIFACT: str(export_dir)},
-            code_paths=packages,
-            pip_requirements=PIP_REQUIREMENTS,
-            signature=_signature(),
-            registered_model_name=registered_model_name,
-        )
+        uri = log_export_model(
+            VideoTextEmbedder(), export_dir, (pretrain, data_shards), _signature(),
+            registered_model_name, PIP_REQUIREMENTS,
+        )  # fmt: skip
         log.info("logged %s to run %s", info["model_id"], run.info.run_id)
-    version = logged.registered_model_version
-    return f"models:/{registered_model_name}/{version}"
+    return uri
+
+
+def log_export_model(
+    python_model, export_dir: Path, packages, signature, registered_model_name: str, pip: list
+) -> str:
+    """Log ``python_model`` into the active run with the export directory as its artifact
+    and vidrec's ``packages`` as its code, register it; returns ``models:/NAME/VERSION``."""
+    logged = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=python_model,
+        artifacts={EXPORT_ARTIFACT: str(export_dir)},
+        code_paths=[str(Path(package.__file__).parent) for package in packages],
+        pip_requirements=pip,
+        signature=signature,
+        registered_model_name=registered_model_name,
+    )
+    return f"models:/{registered_model_name}/{logged.registered_model_version}"
